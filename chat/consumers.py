@@ -1,0 +1,171 @@
+"""The chat websocket: one socket per open conversation tab.
+
+It authorizes in connect(), validates each message, and only enqueues work (through
+chat.services) and relays the worker's events as HTML frames rendered from the page's own
+template partials. It never runs a generation loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from pydantic import ValidationError
+
+from chat import frames, services
+from chat.models import Conversation, Message
+from chat.schemas import SendMessage, StopReply, describe_error, parse_message
+from inference import services as inference
+from inference.catalogue import UnknownModel
+
+logger = logging.getLogger(__name__)
+
+# Close codes: 4401 not signed in, 4404 no such conversation for this user.
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+@database_sync_to_async
+def _conversation_for_user(user: Any, code: str) -> Conversation | None:
+    return Conversation.objects.filter(user=user, code=code).first()
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """ws/conversations/<code>/: send turns, stop replies, and watch replies stream."""
+
+    conversation: Conversation
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        code = self.scope["url_route"]["kwargs"]["code"]
+        conversation = await _conversation_for_user(user, code)
+        if conversation is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        self.conversation = conversation
+        await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+        await self.accept()
+        # A reply may have streamed on while the page was being rendered: ask the worker for
+        # the exact text so far. Deltas that arrive before the snapshot are overwritten by it.
+        for reply in await database_sync_to_async(services.active_replies)(
+            conversation=conversation
+        ):
+            assert reply.generation is not None
+            await database_sync_to_async(inference.generation_request_sync)(
+                generation=reply.generation, reply_channel=self.channel_name
+            )
+
+    async def disconnect(self, code: int) -> None:
+        # Leaving never stops a reply: the worker finishes and saves it.
+        if hasattr(self, "conversation"):
+            await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        limit = settings.MLXWEB_CONFIG.server.limits.ws_max_message_bytes
+        if bytes_data is not None:
+            await self._error("Send text frames with JSON, not binary.")
+            return
+        if text_data is None or len(text_data.encode()) > limit:
+            await self._error(f"Message too large: the limit is {limit} bytes.")
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            await self._error("Message is not valid JSON.")
+            return
+        if not isinstance(content, dict):
+            await self._error("Message must be a JSON object.")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: dict[str, Any], **kwargs: Any) -> None:
+        try:
+            message = parse_message(content)
+        except ValidationError as e:
+            await self._error(f"Invalid message: {describe_error(e)}")
+            return
+        except ValueError as e:
+            await self._error(str(e))
+            return
+        if isinstance(message, SendMessage):
+            await self._send_turn(message)
+        else:
+            await self._stop(message)
+
+    async def _send_turn(self, message: SendMessage) -> None:
+        try:
+            user_message, reply = await database_sync_to_async(services.message_send)(
+                conversation=self.conversation,
+                text=message.text,
+                model_id=message.model,
+                params=message.sampling(),
+            )
+        except services.ChatError as e:
+            await self._error(str(e))
+            return
+        except UnknownModel:
+            await self._error(f"Unknown model {message.model!r}.")
+            return
+        except ValidationError as e:
+            await self._error(f"Invalid options: {describe_error(e)}")
+            return
+        html = await database_sync_to_async(frames.turn_frame)(
+            conversation=self.conversation, messages=[user_message, reply]
+        )
+        await self.channel_layer.group_send(
+            self.conversation.group_name, {"type": "chat.html", "html": html}
+        )
+        # Only the sender's composer is cleared; other tabs keep what they were typing.
+        composer = await database_sync_to_async(frames.composer_frame)(
+            conversation=self.conversation
+        )
+        await self.send(text_data=composer)
+
+    async def _stop(self, message: StopReply) -> None:
+        try:
+            await database_sync_to_async(services.reply_stop)(
+                conversation=self.conversation, reply_code=message.reply
+            )
+        except services.ChatError as e:
+            await self._error(str(e))
+
+    async def _error(self, text: str) -> None:
+        await self.send(text_data=frames.error_frame(text))
+
+    # --- group events ---------------------------------------------------------------------
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels runs close_old_connections() in the sync thread before every handler. A
+        # delta touches no database, and that hop queues it behind the worker's text flushes
+        # in the same thread: ~10 ms on every streamed token (docs/benchmarks.md).
+        if message.get("type") == "generation.delta":
+            await self.generation_delta(message)
+            return
+        await super().dispatch(message)
+
+    async def chat_html(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=event["html"])
+
+    async def generation_delta(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=frames.delta_frame(code=event["code"], text=event["text"]))
+
+    async def generation_snapshot(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=frames.snapshot_frame(code=event["code"], text=event["text"]))
+
+    async def generation_done(self, event: dict[str, Any]) -> None:
+        reply = await database_sync_to_async(
+            lambda: (
+                Message.objects.select_related("generation")
+                .filter(conversation=self.conversation, generation__code=event["code"])
+                .first()
+            )
+        )()
+        if reply is not None:
+            await self.send(text_data=await database_sync_to_async(frames.reply_frame)(reply))

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from chat import views
+
+app_name = "chat"
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("c/new/", views.conversation_create, name="create"),
+    path("c/<uuid:code>/", views.conversation_detail, name="detail"),
+    path("c/<uuid:code>/send/", views.conversation_send, name="send"),
+    path("c/<uuid:code>/rename/", views.conversation_rename, name="rename"),
+    path("c/<uuid:code>/delete/", views.conversation_delete, name="delete"),
+    path("c/<uuid:code>/replies/<uuid:reply>/stop/", views.reply_stop, name="stop"),
+]
+
+auth_urlpatterns = [
+    path("login/", views.login, name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("signup/", views.signup, name="signup"),
+]

@@ -1,0 +1,179 @@
+"""Chat pages. Thin: validate, call chat.services, render or redirect."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login as auth_login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+from pydantic import ValidationError
+
+from chat import frames, services
+from chat.forms import RenameForm, SignupForm
+from chat.models import Conversation
+from chat.schemas import SendMessage, describe_error, parse_message
+from inference import services as inference
+from inference.catalogue import UnknownModel
+
+
+def _get_conversation_for_user(request: HttpRequest, code: UUID) -> Conversation:
+    """The user's own conversation, or 404 for anyone else's."""
+    return get_object_or_404(Conversation, code=code, user=request.user)
+
+
+def _page_context(request: HttpRequest, conversation: Conversation | None) -> dict[str, Any]:
+    conversations = Conversation.objects.filter(user=request.user)
+    chat_messages = (
+        conversation.messages.select_related("generation") if conversation is not None else []
+    )
+    return {
+        "conversation": conversation,
+        "conversations": conversations,
+        "chat_messages": chat_messages,
+        "models": frames.model_choices(),
+        "selected_model": conversation.model_id if conversation else inference.default_model_id(),
+        "ws_max_message_bytes": settings.MLXWEB_CONFIG.server.limits.ws_max_message_bytes,
+    }
+
+
+@require_GET
+@login_required
+def index(request: HttpRequest) -> HttpResponse:
+    """A new chat: the first message creates the conversation."""
+    return render(request, "chat/conversation.html", _page_context(request, None))
+
+
+@require_GET
+@login_required
+def conversation_detail(request: HttpRequest, code: UUID) -> HttpResponse:
+    conversation = _get_conversation_for_user(request, code)
+    return render(request, "chat/conversation.html", _page_context(request, conversation))
+
+
+def _send(request: HttpRequest, conversation: Conversation) -> bool:
+    """Send the posted composer, the same fields and checks as over the websocket."""
+    try:
+        message = parse_message({**request.POST.dict(), "type": "send"})
+        assert isinstance(message, SendMessage)
+        services.message_send(
+            conversation=conversation,
+            text=message.text,
+            model_id=message.model,
+            params=message.sampling(),
+        )
+    except ValidationError as e:
+        messages.error(request, f"Invalid message: {describe_error(e)}")
+    except services.ChatError as e:
+        messages.error(request, str(e))
+    except UnknownModel:
+        messages.error(request, f"Unknown model {request.POST.get('model')!r}.")
+    else:
+        return True
+    return False
+
+
+@require_POST
+@login_required
+def conversation_create(request: HttpRequest) -> HttpResponse:
+    """Start a conversation; with text, its first message is sent at once."""
+    model = request.POST.get("model") or None
+    try:
+        with transaction.atomic():
+            conversation = services.conversation_create(user=request.user, model_id=model)
+    except UnknownModel:
+        messages.error(request, f"Unknown model {model!r}.")
+        return redirect("chat:index")
+    if request.POST.get("text", "").strip():
+        _send(request, conversation)
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_POST
+@login_required
+def conversation_send(request: HttpRequest, code: UUID) -> HttpResponse:
+    """The composer without websockets: send, then show the page (the reply streams there)."""
+    conversation = _get_conversation_for_user(request, code)
+    _send(request, conversation)
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_POST
+@login_required
+def reply_stop(request: HttpRequest, code: UUID, reply: UUID) -> HttpResponse:
+    conversation = _get_conversation_for_user(request, code)
+    try:
+        services.reply_stop(conversation=conversation, reply_code=str(reply))
+    except services.ChatError as e:
+        messages.error(request, str(e))
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_POST
+@login_required
+def conversation_rename(request: HttpRequest, code: UUID) -> HttpResponse:
+    conversation = _get_conversation_for_user(request, code)
+    form = RenameForm(request.POST)
+    if form.is_valid():
+        services.conversation_rename(conversation=conversation, title=form.cleaned_data["title"])
+    else:
+        messages.error(request, "A title needs 1 to 200 characters.")
+    if request.htmx:
+        context = _page_context(request, conversation)
+        return render(request, "chat/conversation.html#sidebar", context)
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def conversation_delete(request: HttpRequest, code: UUID) -> HttpResponse:
+    """GET asks for confirmation; POST deletes."""
+    conversation = _get_conversation_for_user(request, code)
+    if request.method == "GET":
+        return render(
+            request,
+            "chat/conversation_delete.html",
+            {"conversation": conversation, "message_count": conversation.messages.count()},
+        )
+    services.conversation_delete(conversation=conversation)
+    messages.success(request, f"Deleted “{conversation.title}”.")
+    if request.htmx:
+        return HttpResponseClientRedirect("/")
+    return redirect("chat:index")
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    """Create an account. The first account becomes the admin; later ones need allow_signup."""
+    first = not User.objects.exists()
+    if not first and not settings.MLXWEB_ALLOW_SIGNUP:
+        return HttpResponseForbidden(render(request, "registration/signup_closed.html").content)
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        with transaction.atomic():
+            user = form.save(commit=False)
+            # Decided inside the transaction so two racing first sign-ups can't both be admin.
+            if not User.objects.select_for_update().exists():
+                user.is_staff = user.is_superuser = True
+            user.save()
+        auth_login(request, user)
+        return redirect("chat:index")
+    return render(request, "registration/signup.html", {"form": form, "first": first})
+
+
+def login(request: HttpRequest) -> HttpResponse:
+    """Sign in; on a fresh install there is nobody to sign in as, so go create the admin."""
+    if not User.objects.exists():
+        return redirect("signup")
+    return auth_views.LoginView.as_view(
+        extra_context={"allow_signup": settings.MLXWEB_ALLOW_SIGNUP}
+    )(request)

@@ -1,0 +1,170 @@
+"""The models the worker may load: the allow-list.
+
+A request names a model by id only; this module is the one place that turns an id into a path.
+Ids come from `configs/models/*.yaml` and from MLX model directories found in the models
+directory (where the model library writes what it pulls, converts and imports). Nothing else is
+ever loaded, so no request can make the worker read an arbitrary path or repo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mlxweb.config import Config, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_ID_UNSAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+class UnknownModel(LookupError):
+    """The id is not in the catalogue (not configured, not in the models directory)."""
+
+
+class ModelUnavailable(LookupError):
+    """The model is known but its weights are not on this machine."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the loader needs to know about one allowed model."""
+
+    id: str
+    name: str
+    kind: Literal["gguf", "mlx", "hub"]
+    context_length: int
+    path: Path | None = None
+    hub_repo: str | None = None
+    revision: str | None = None
+    chat_template: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    configured: bool = True
+
+    def local_path(self) -> Path | None:
+        """The file or directory holding the weights, or None if they are not here."""
+        if self.kind == "hub":
+            return _hub_snapshot(self.hub_repo or "", self.revision)
+        assert self.path is not None
+        if self.kind == "gguf":
+            return self.path if self.path.is_file() else None
+        return self.path if (self.path / "config.json").is_file() else None
+
+    @property
+    def is_available(self) -> bool:
+        return self.local_path() is not None
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def model_id_for_dir(name: str) -> str:
+    """The catalogue id of a directory found in the models directory."""
+    return _ID_UNSAFE.sub("-", name.lower()).strip("-._")[:100] or "model"
+
+
+def _spec_from_config(model: ModelConfig, models_dir: Path) -> ModelSpec:
+    source = model.source
+    common: dict[str, Any] = {
+        "id": model.id,
+        "name": model.name,
+        "context_length": model.context_length,
+        "chat_template": model.chat_template,
+        "sampling": model.sampling.model_dump(exclude_none=True),
+    }
+    if source.kind == "gguf":
+        assert source.gguf is not None
+        return ModelSpec(kind="gguf", path=models_dir / source.gguf, **common)
+    if source.kind == "path":
+        assert source.path is not None
+        return ModelSpec(kind="mlx", path=models_dir / source.path, **common)
+    return ModelSpec(kind="hub", hub_repo=source.hub, revision=source.revision, **common)
+
+
+def _spec_from_dir(path: Path) -> ModelSpec | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not any(path.glob("*.safetensors")):
+        return None
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings", 4096
+    )
+    return ModelSpec(
+        id=model_id_for_dir(path.name),
+        name=path.name,
+        kind="mlx",
+        path=path,
+        context_length=int(context),
+        configured=False,
+    )
+
+
+class Catalogue:
+    """The allow-list, re-read from disk on each lookup so new library entries appear at once."""
+
+    def __init__(self, config: Config, models_dir: Path) -> None:
+        self.config = config
+        self.models_dir = models_dir
+        self._configured = {m.id: _spec_from_config(m, models_dir) for m in config.models.values()}
+
+    @property
+    def default_model_id(self) -> str:
+        return self.config.server.default_model
+
+    def all(self) -> list[ModelSpec]:
+        """Configured models first (in id order), then the ones found in the models directory."""
+        specs = dict(self._configured)
+        configured_paths = {s.path for s in specs.values() if s.path is not None}
+        if self.models_dir.is_dir():
+            for child in sorted(self.models_dir.iterdir()):
+                if not child.is_dir() or child.name.startswith(".") or child in configured_paths:
+                    continue
+                spec = _spec_from_dir(child)
+                if spec is not None and spec.id not in specs:
+                    specs[spec.id] = spec
+        return list(specs.values())
+
+    def available(self) -> list[ModelSpec]:
+        return [s for s in self.all() if s.is_available]
+
+    def get(self, model_id: str) -> ModelSpec:
+        """The spec for `model_id`; UnknownModel if it is not allowed."""
+        if model_id in self._configured:
+            return self._configured[model_id]
+        for spec in self.all():
+            if spec.id == model_id:
+                return spec
+        raise UnknownModel(f"unknown model {model_id!r}")
+
+
+_catalogue: Catalogue | None = None
+
+
+def get_catalogue() -> Catalogue:
+    """The process-wide catalogue built from Django settings."""
+    global _catalogue
+    if _catalogue is None:
+        from django.conf import settings
+
+        _catalogue = Catalogue(settings.MLXWEB_CONFIG, settings.MLXWEB_MODELS_DIR)
+    return _catalogue
+
+
+def reset_catalogue() -> None:
+    """Forget the cached catalogue (tests change settings)."""
+    global _catalogue
+    _catalogue = None

@@ -1,0 +1,808 @@
+"""The engine: one thread that owns MLX and serves every generation with continuous batching.
+
+Since mlx 0.31.2 a stream belongs to the thread that made it, so one dedicated thread loads the
+models, holds their KV caches and runs every evaluation. Other threads only put plain values on
+its queue (`submit`, `cancel`, `load`, `stop`) and hear back through the `emit` callback of each
+request, which the engine thread calls with `Started`, `Delta` and `Finished` events.
+
+Each loaded model has one mlx-lm `BatchGenerator`: a request that arrives while others decode is
+inserted into the running batch, so concurrent chats stream at the same time. The engine adds
+what the generator leaves to its caller: the chat template, context trimming, the prompt-prefix
+cache (so the next turn of a conversation prefills only its new tokens), per-request detokenizing,
+text-level stop strings, seeded sampling that still batches, and error isolation (a failing
+request, model or batch step ends only the requests it touches).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inference.catalogue import Catalogue, ModelSpec, UnknownModel
+from inference.schemas import GenerationParams
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import LRUPromptCache
+
+    from inference.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# A prompt may always use at least this share of the context, however many new tokens the
+# request asks for (it then gets fewer: generation stops at the context's end).
+MIN_PROMPT_SHARE = 4
+# Enough distinct unseeded samplers for every mix of settings people really use.
+MAX_SHARED_SAMPLERS = 256
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation asked of the engine: plain values only."""
+
+    id: str  # the Generation row's code, as str
+    model_id: str
+    messages: list[dict[str, str]]  # {"role", "content"}; system first if any
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is accepted and queued for prefill."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    trimmed_messages: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New reply text; `tokens` counts the completion tokens so far."""
+
+    request_id: str
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request, always sent exactly once.
+
+    `finish_reason` is "eos", "stop_string", "max_tokens", "stopped" (cancel or engine stop)
+    or "error" (with `error` saying why).
+    """
+
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str = ""
+
+
+EngineEvent = Started | Delta | Finished
+Emit = Callable[[EngineEvent], None]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: GenerationRequest
+    emit: Emit
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+@dataclass
+class _Load:
+    model_id: str
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class _Pending:
+    """A submitted request waiting for its model (and a free model slot)."""
+
+    submit: _Submit
+    spec: ModelSpec | None  # None when the model was already loaded at submit time
+
+
+class _PromptTooLong(Exception):
+    def __init__(self, message: str, prompt_tokens: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One loaded model with its batch generator and prompt cache."""
+
+    model_id: str
+    loaded: LoadedModel
+    generator: BatchGenerator
+    prompt_cache: LRUPromptCache | None
+    stop_tokens: Any  # mlx_lm StopSequences over the EOS ids
+    active: dict[int, _Active] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Active:
+    """A request inside a batch generator."""
+
+    request: GenerationRequest
+    emit: Emit
+    slot: _Slot
+    uid: int
+    detokenizer: Any
+    stop: tuple[str, ...]
+    prompt_tokens: int
+    started_at: float
+    held: str = ""  # text that may be the start of a stop string
+    tokens: int = 0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    finished: bool = False
+
+
+class Engine:
+    """Serves generations for the catalogue's models from one MLX-owning thread."""
+
+    def __init__(
+        self,
+        *,
+        catalogue: Catalogue,
+        converted_dir: Path,
+        max_loaded_models: int = 1,
+        max_prompt_tokens: int = 8192,
+        max_new_tokens: int = 2048,
+        prompt_cache_entries: int = 16,
+        prompt_cache_bytes: int = 2**31,
+        prefill_batch_size: int = 8,
+        completion_batch_size: int = 32,
+        prefill_step_size: int = 2048,
+    ) -> None:
+        self.catalogue = catalogue
+        self.converted_dir = Path(converted_dir)
+        self.max_loaded_models = max(1, max_loaded_models)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.prompt_cache_entries = prompt_cache_entries
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.prefill_batch_size = prefill_batch_size
+        self.completion_batch_size = completion_batch_size
+        self.prefill_step_size = prefill_step_size
+
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Guards _state and every put on the inbox, so that once the thread has drained the
+        # inbox on its way out no command can slip in unanswered.
+        self._lock = threading.Lock()
+        self._state = "new"  # new -> running -> stopped | dead
+        self._thread: threading.Thread | None = None
+
+        # Engine-thread state.
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
+        self._pending: deque[_Pending] = deque()
+        self._by_id: dict[str, _Active] = {}
+        self._samplers: dict[tuple[float, float, float, int], Any] = {}
+        self._stream: mx.Stream | None = None
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        with self._lock:
+            if self._state != "new":
+                return
+            self._state = "running"
+            self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish every request with "stopped", unload the models and join the thread."""
+        with self._lock:
+            if self._state == "new":
+                self._state = "stopped"
+            if self._state != "running":
+                return
+            self._inbox.put(_Stop())
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("engine thread did not stop within %.0fs", timeout)
+
+    def submit(self, request: GenerationRequest, emit: Emit) -> None:
+        """Queue a generation; `emit` hears its events from the engine thread.
+
+        Every request gets exactly one `Finished`, and one `Started` before it unless it fails
+        first. If the engine is not running, `Finished(error)` is emitted at once from the
+        calling thread.
+        """
+        with self._lock:
+            if self._state == "running":
+                self._inbox.put(_Submit(request, emit))
+                return
+            state = self._state
+        _safe_emit(emit, Finished(request.id, "error", 0, 0, error=f"engine is {state}"))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; it finishes with "stopped", keeping the text already emitted."""
+        with self._lock:
+            if self._state == "running":
+                self._inbox.put(_Cancel(request_id))
+
+    def load(self, model_id: str) -> None:
+        """Load a model on the engine thread; block until done; raise what loading raised."""
+        command = _Load(model_id)
+        with self._lock:
+            if self._state != "running":
+                raise RuntimeError(f"engine is {self._state}")
+            self._inbox.put(command)
+        command.done.wait()
+        if command.error is not None:
+            raise command.error
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return self._state == "running" and thread is not None and thread.is_alive()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        import mlx.core as mx
+
+        # The thread's own stream: every model, cache and generator of this engine lives on it.
+        self._stream = mx.default_stream(mx.default_device())
+        logger.info("engine started")
+        try:
+            while self._handle_commands(block=not self._busy()):
+                self._admit_pending()
+                for slot in list(self._slots.values()):
+                    if slot.active:
+                        self._step(slot)
+        except BaseException as e:
+            logger.exception("engine thread died")
+            self._shutdown("dead", "error", f"engine crashed: {type(e).__name__}: {e}")
+        else:
+            self._shutdown("stopped", "stopped", "")
+            logger.info("engine stopped")
+        finally:
+            # MLX does not clean up a thread's streams by itself: without this, the process
+            # aborts at exit ("terminate called without an active exception") now and then.
+            self._stream = None
+            gc.collect()
+            mx.clear_streams()
+
+    def _busy(self) -> bool:
+        return any(slot.active for slot in self._slots.values())
+
+    def _handle_commands(self, *, block: bool) -> bool:
+        """Apply queued commands (waiting for one if `block`); False once told to stop."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Submit):
+                self._on_submit(command)
+            elif isinstance(command, _Cancel):
+                self._on_cancel(command.request_id)
+            elif isinstance(command, _Load):
+                self._on_load(command)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _on_submit(self, submit: _Submit) -> None:
+        request = submit.request
+        if request.id in self._by_id or any(
+            p.submit.request.id == request.id for p in self._pending
+        ):
+            _safe_emit(
+                submit.emit, Finished(request.id, "error", 0, 0, error="duplicate request id")
+            )
+            return
+        spec = None
+        if request.model_id not in self._slots:
+            try:
+                spec = self.catalogue.get(request.model_id)
+            except UnknownModel as e:
+                logger.info("request %s: %s", request.id, e)
+                _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=str(e)))
+                return
+        self._pending.append(_Pending(submit, spec))
+
+    def _on_cancel(self, request_id: str) -> None:
+        active = self._by_id.get(request_id)
+        if active is not None:
+            self._finish(active, "stopped")
+            return
+        for pending in self._pending:
+            if pending.submit.request.id == request_id:
+                self._pending.remove(pending)
+                _safe_emit(pending.submit.emit, Finished(request_id, "stopped", 0, 0))
+                logger.info("request %s: cancelled before it started", request_id)
+                return
+
+    def _on_load(self, command: _Load) -> None:
+        try:
+            if command.model_id in self._slots:
+                self._slots.move_to_end(command.model_id)
+            elif not self._can_load():
+                raise RuntimeError(
+                    f"cannot load {command.model_id!r}: every loaded model is serving requests"
+                )
+            else:
+                self._load_slot(self.catalogue.get(command.model_id))
+        except Exception as e:
+            command.error = e
+        finally:
+            command.done.set()
+
+    # ------------------------------------------------------------------ models
+
+    def _can_load(self) -> bool:
+        return len(self._slots) < self.max_loaded_models or any(
+            not slot.active for slot in self._slots.values()
+        )
+
+    def _load_slot(self, spec: ModelSpec) -> _Slot:
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.models.cache import LRUPromptCache
+
+        from inference.loader import load_model
+
+        while len(self._slots) >= self.max_loaded_models:
+            idle = next(mid for mid, slot in self._slots.items() if not slot.active)
+            self._unload(idle)
+        loaded = load_model(spec, self.converted_dir)
+        prompt_cache = None
+        if self.prompt_cache_entries > 0 and self.prompt_cache_bytes > 0:
+            prompt_cache = LRUPromptCache(
+                max_size=self.prompt_cache_entries,
+                max_bytes=self.prompt_cache_bytes // self.max_loaded_models,
+            )
+        eos = sorted(loaded.tokenizer.eos_token_ids)
+        slot = _Slot(
+            model_id=spec.id,
+            loaded=loaded,
+            generator=self._new_generator(loaded),
+            prompt_cache=prompt_cache,
+            stop_tokens=StopSequences([(t,) for t in eos]),
+        )
+        self._slots[spec.id] = slot
+        return slot
+
+    def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            loaded.model,
+            max_tokens=self.max_new_tokens,
+            completion_batch_size=self.completion_batch_size,
+            prefill_batch_size=self.prefill_batch_size,
+            prefill_step_size=self.prefill_step_size,
+            stream=self._stream,
+        )
+
+    def _unload(self, model_id: str) -> None:
+        import mlx.core as mx
+
+        slot = self._slots.pop(model_id)
+        slot.generator.close()
+        del slot
+        gc.collect()
+        mx.clear_cache()
+        logger.info("unloaded model %s", model_id)
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit_pending(self) -> None:
+        # First come, first served: a request waiting for a model slot holds back the ones
+        # behind it, so a busy model cannot starve a request for another one.
+        while self._pending:
+            pending = self._pending[0]
+            request = pending.submit.request
+            slot = self._slots.get(request.model_id)
+            if slot is None and not self._can_load():
+                return
+            self._pending.popleft()
+            if slot is None:
+                try:
+                    spec = pending.spec or self.catalogue.get(request.model_id)
+                    slot = self._load_slot(spec)
+                except Exception as e:
+                    logger.warning(
+                        "request %s: cannot load %s: %s", request.id, request.model_id, e
+                    )
+                    _safe_emit(
+                        pending.submit.emit, Finished(request.id, "error", 0, 0, error=str(e))
+                    )
+                    continue
+            self._slots.move_to_end(request.model_id)
+            self._admit(slot, pending.submit)
+
+    def _admit(self, slot: _Slot, submit: _Submit) -> None:
+        request, params = submit.request, submit.request.params
+        try:
+            prompt, trimmed, max_tokens = self._prompt(slot, request)
+            cache, rest = self._cached_prefix(slot, prompt)
+            cached = len(prompt) - len(rest)
+            processors = []
+            if params.repetition_penalty != 1.0:
+                from mlx_lm.sample_utils import make_logits_processors
+
+                processors = make_logits_processors(repetition_penalty=params.repetition_penalty)
+            (uid,) = slot.generator.insert(
+                [rest],
+                max_tokens=[max_tokens],
+                caches=[cache],
+                all_tokens=[prompt[:cached]],
+                samplers=[self._sampler(params, len(slot.loaded.tokenizer))],
+                logits_processors=[processors],
+                stop_sequences=[slot.stop_tokens],
+            )
+        except _PromptTooLong as e:
+            logger.info("request %s: %s", request.id, e)
+            _safe_emit(submit.emit, Finished(request.id, "error", e.prompt_tokens, 0, str(e)))
+            return
+        except Exception as e:
+            logger.exception("request %s: cannot start", request.id)
+            _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=_describe(e)))
+            return
+
+        active = _Active(
+            request=request,
+            emit=submit.emit,
+            slot=slot,
+            uid=uid,
+            detokenizer=slot.loaded.tokenizer.detokenizer,
+            stop=tuple(params.stop),
+            prompt_tokens=len(prompt),
+            started_at=time.perf_counter(),
+        )
+        slot.active[uid] = active
+        self._by_id[request.id] = active
+        logger.info(
+            "request %s: model=%s prompt=%d cached=%d trimmed=%d max_tokens=%d",
+            request.id,
+            slot.model_id,
+            len(prompt),
+            cached,
+            trimmed,
+            max_tokens,
+        )
+        try:
+            active.emit(Started(request.id, len(prompt), cached, trimmed))
+        except Exception as e:
+            logger.exception("request %s: event handler failed", request.id)
+            self._finish(active, "error", error=f"event handler failed: {_describe(e)}")
+
+    def _prompt(self, slot: _Slot, request: GenerationRequest) -> tuple[list[int], int, int]:
+        """The templated prompt, the number of messages trimmed from it and its max tokens."""
+        context = slot.loaded.context_length
+        wanted = min(request.params.max_tokens, self.max_new_tokens)
+        limit = min(self.max_prompt_tokens, max(context - wanted, context // MIN_PROMPT_SHARE))
+        tokenizer = slot.loaded.tokenizer
+        messages = [dict(m) for m in request.messages]
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        turns = messages[len(system) :]
+        trimmed = 0
+        while True:
+            prompt = _template(tokenizer, system + turns)
+            if len(prompt) <= limit:
+                break
+            # Drop the oldest whole turn: everything before the second user message.
+            cut = next((i for i in range(1, len(turns)) if turns[i].get("role") == "user"), None)
+            if cut is None:
+                raise _PromptTooLong(
+                    f"prompt too long: {len(prompt)} tokens, limit {limit}", len(prompt)
+                )
+            turns = turns[cut:]
+            trimmed += cut
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt, trimmed, max(1, min(wanted, context - len(prompt)))
+
+    def _cached_prefix(self, slot: _Slot, prompt: list[int]) -> tuple[Any, list[int]]:
+        """A copy of the longest cached KV prefix of `prompt` and the tokens still to prefill."""
+        if slot.prompt_cache is None:
+            return None, prompt
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = slot.prompt_cache.fetch_nearest_cache(slot.model_id, prompt)
+        if cache is None:
+            return None, prompt
+        if not rest:
+            # The whole prompt is cached (a regenerated reply), but the last token must still
+            # go through the model to give the first logits.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, list(rest)
+
+    def _sampler(self, params: GenerationParams, vocab_size: int) -> Any:
+        from mlx_lm.sample_utils import greedy_sampler, make_sampler
+
+        if params.temperature == 0:
+            return greedy_sampler
+        top_k = params.top_k if 0 < params.top_k < vocab_size else 0
+        if params.seed is not None:
+            return _seeded_sampler(
+                params.temperature, params.top_p, params.min_p, top_k, params.seed
+            )
+        # Requests with the same settings share one sampler object, so the generator samples
+        # their rows in one call instead of one call per row.
+        key = (params.temperature, params.top_p, params.min_p, top_k)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            if len(self._samplers) >= MAX_SHARED_SAMPLERS:
+                self._samplers.clear()
+            sampler = make_sampler(
+                params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=top_k
+            )
+            self._samplers[key] = sampler
+        return sampler
+
+    # ------------------------------------------------------------------ decoding
+
+    def _step(self, slot: _Slot) -> None:
+        import mlx.core as mx
+
+        try:
+            _, responses = slot.generator.next()
+        except Exception as e:
+            # The step is shared: whatever failed (out of memory, a bad request's processor),
+            # every request in this batch is lost. Start a fresh generator for the next ones.
+            logger.exception("model %s: batch step failed", slot.model_id)
+            for failed in list(slot.active.values()):
+                message = f"generation failed: {_describe(e)}"
+                self._finish(failed, "error", error=message, in_batch=False)
+            slot.active.clear()
+            try:
+                slot.generator.close()
+            finally:
+                slot.generator = self._new_generator(slot.loaded)
+                mx.clear_cache()
+            return
+        now = time.perf_counter()
+        for response in responses:
+            active = slot.active.get(response.uid)
+            if active is None:
+                continue
+            try:
+                self._on_token(active, response, now)
+            except Exception as e:
+                logger.exception("request %s: failed", active.request.id)
+                self._finish(active, "error", error=_describe(e))
+
+    def _on_token(self, active: _Active, response: Any, now: float) -> None:
+        active.tokens += 1
+        if active.tokens == 1:
+            active.first_token_at = now
+        active.last_token_at = now
+        reason = response.finish_reason
+        detokenizer = active.detokenizer
+        if reason == "stop":
+            # An end-of-sequence token: it ends the reply but is no part of its text.
+            detokenizer.finalize()
+        else:
+            detokenizer.add_token(response.token)
+            if reason == "length":
+                detokenizer.finalize()
+        # A finished sequence has already left the batch and hands over its KV cache here.
+        cache = (response.prompt_cache, response.all_tokens) if reason is not None else None
+        text = detokenizer.last_segment
+        if text and self._deliver(active, text):
+            self._finish(active, "stop_string", cache=cache)
+        elif reason is not None:
+            self._finish(active, "eos" if reason == "stop" else "max_tokens", cache=cache)
+
+    def _deliver(self, active: _Active, text: str, *, final: bool = False) -> bool:
+        """Emit reply text, cutting at a stop string; True when one was found.
+
+        Text that could be the start of a stop string is held back until the next token shows
+        whether it is, so no part of a stop string is ever emitted.
+        """
+        if not active.stop:
+            active.emit(Delta(active.request.id, text, active.tokens))
+            return False
+        pending = active.held + text
+        found = [i for i in (pending.find(s) for s in active.stop) if i >= 0]
+        if found:
+            cut = min(found)
+            active.held = ""
+            if cut:
+                active.emit(Delta(active.request.id, pending[:cut], active.tokens))
+            return True
+        keep = 0 if final else _partial_stop_length(pending, active.stop)
+        out, active.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        if out:
+            active.emit(Delta(active.request.id, out, active.tokens))
+        return False
+
+    def _finish(
+        self,
+        active: _Active,
+        reason: str,
+        *,
+        error: str = "",
+        cache: tuple[Any, list[int]] | None = None,
+        in_batch: bool = True,
+    ) -> None:
+        """End a request: take it out of its batch, keep its KV cache, emit `Finished`.
+
+        `cache` is the (KV cache, tokens) pair of a sequence the generator already let go;
+        `in_batch` is False when the generator itself is being thrown away.
+        """
+        if active.finished:
+            return
+        active.finished = True
+        slot, request_id = active.slot, active.request.id
+        slot.active.pop(active.uid, None)
+        self._by_id.pop(request_id, None)
+        if cache is None and in_batch:
+            keep_cache = slot.prompt_cache is not None and reason != "error"
+            try:
+                removed = slot.generator.remove([active.uid], return_prompt_caches=keep_cache)
+                cache = removed.get(active.uid)
+            except Exception:
+                logger.exception("request %s: could not leave its batch", request_id)
+
+        if reason in ("stopped", "max_tokens", "eos"):
+            # The stop strings never matched, so what was held back is reply text after all.
+            try:
+                active.detokenizer.finalize()
+                tail = active.detokenizer.last_segment
+                found = (tail or active.held) and self._deliver(active, tail, final=True)
+                if found and reason != "stopped":
+                    reason = "stop_string"
+            except Exception as e:
+                logger.exception("request %s: event handler failed", request_id)
+                reason, error = "error", f"event handler failed: {_describe(e)}"
+
+        if cache is not None and cache[0] and cache[1] and slot.prompt_cache is not None:
+            prompt_cache, tokens = cache
+            try:
+                slot.prompt_cache.insert_cache(slot.model_id, list(tokens), prompt_cache)
+            except Exception:
+                logger.exception("request %s: could not keep its prompt cache", request_id)
+
+        _safe_emit(
+            active.emit,
+            Finished(request_id, reason, active.prompt_tokens, active.tokens, error=error),
+        )
+        elapsed = active.last_token_at - active.first_token_at
+        rate = (active.tokens - 1) / elapsed if active.tokens > 1 and elapsed > 0 else 0.0
+        logger.info(
+            "request %s: finished %s%s, %d tokens, %.1f tok/s",
+            request_id,
+            reason,
+            f" ({error})" if error else "",
+            active.tokens,
+            rate,
+        )
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self, state: str, reason: str, error: str) -> None:
+        """Answer every request and command still here, then drop the models (on this thread)."""
+        import mlx.core as mx
+
+        with self._lock:
+            self._state = state
+        for slot in list(self._slots.values()):
+            for active in list(slot.active.values()):
+                active.finished = True
+                _safe_emit(
+                    active.emit,
+                    Finished(
+                        active.request.id, reason, active.prompt_tokens, active.tokens, error=error
+                    ),
+                )
+            slot.active.clear()
+        self._by_id.clear()
+        leftovers: list[Any] = [p.submit for p in self._pending]
+        self._pending.clear()
+        while True:
+            try:
+                leftovers.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for command in leftovers:
+            if isinstance(command, _Submit):
+                _safe_emit(command.emit, Finished(command.request.id, reason, 0, 0, error=error))
+            elif isinstance(command, _Load):
+                command.error = RuntimeError(f"engine is {state}")
+                command.done.set()
+        try:
+            for model_id in list(self._slots):
+                self._unload(model_id)
+        except Exception:
+            logger.exception("could not unload the models")
+        self._slots.clear()
+        gc.collect()
+        mx.clear_cache()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    if getattr(tokenizer, "has_chat_template", False):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    # A base model without a template: a plain transcript it can continue.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer.encode(text))
+
+
+def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    longest = min(len(text), max(len(s) for s in stops) - 1)
+    for n in range(longest, 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0
+
+
+def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int) -> Any:
+    """A sampler with its own random key, split every step: same seed, same prompt, same text.
+
+    mlx-lm's own seeding sets the process-wide random state, which is why its generator cannot
+    batch seeded requests; a key per request can share a batch with anything.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    inverse_temp = 1.0 / temp
+    key = [mx.random.key(seed)]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        key[0], step_key = mx.random.split(key[0])
+        for apply in filters:
+            logprobs = apply(logprobs)
+        return mx.random.categorical(logprobs * inverse_temp, key=step_key)
+
+    return sample
+
+
+def _safe_emit(emit: Emit, event: EngineEvent) -> None:
+    try:
+        emit(event)
+    except Exception:
+        logger.exception("event handler failed on %s", type(event).__name__)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__

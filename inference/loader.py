@@ -1,0 +1,149 @@
+"""Turn a catalogue `ModelSpec` into a model and tokenizer in memory.
+
+Only paths a `ModelSpec` names are read, and nothing is ever downloaded: hub models must already
+be in the local Hugging Face cache. A GGUF file is converted once into an mlx-lm directory under
+`converted_dir`, keyed by the file's path, size and modification time, so later starts load
+that directory directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from inference.catalogue import ModelSpec
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights are missing or unreadable; the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with what the engine needs to know about it."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    context_length: int
+    spec: ModelSpec
+
+
+def converted_path(spec: ModelSpec, converted_dir: Path) -> Path:
+    """Where the mlx-lm form of a GGUF model is cached; a changed file gets a new directory."""
+    assert spec.path is not None
+    stat = spec.path.stat()
+    key = f"{spec.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(converted_dir) / f"{spec.id}-{digest}"
+
+
+def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
+    """Load the model a spec names. Raises `ModelLoadError` with a clear message."""
+    started = time.perf_counter()
+    source = spec.local_path()
+    if source is None:
+        raise ModelLoadError(_missing_message(spec))
+    if spec.kind == "gguf":
+        model_dir = _converted_dir_for(spec, source, Path(converted_dir))
+    else:
+        model_dir = source
+    model, tokenizer, config = _load_mlx_dir(spec, model_dir)
+    if spec.chat_template:
+        _override_chat_template(tokenizer, spec.chat_template)
+    context = _context_length(spec, config)
+    logger.info(
+        "loaded model %s (%s) from %s in %.1fs",
+        spec.id,
+        spec.kind,
+        model_dir,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, context_length=context, spec=spec)
+
+
+def _missing_message(spec: ModelSpec) -> str:
+    if spec.kind == "hub":
+        rev = f" at revision {spec.revision}" if spec.revision else ""
+        return (
+            f"model {spec.id!r}: {spec.hub_repo}{rev} is not in the local Hugging Face cache "
+            "(download it first)"
+        )
+    what = "GGUF file" if spec.kind == "gguf" else "model directory (with config.json)"
+    return f"model {spec.id!r}: {what} not found at {spec.path}"
+
+
+def _converted_dir_for(spec: ModelSpec, gguf_path: Path, converted_dir: Path) -> Path:
+    from inference.gguf import GGUFError, read_gguf, save_mlx_dir
+
+    target = converted_path(spec, converted_dir)
+    if (target / "config.json").is_file():
+        return target
+    started = time.perf_counter()
+    try:
+        gguf_model = read_gguf(gguf_path)
+        save_mlx_dir(gguf_model, target)
+    except GGUFError as e:
+        raise ModelLoadError(f"model {spec.id!r}: cannot convert {gguf_path.name}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"model {spec.id!r}: cannot write {target}: {e}") from e
+    del gguf_model
+    logger.info(
+        "converted %s to %s in %.1fs", gguf_path.name, target, time.perf_counter() - started
+    )
+    _remove_stale_conversions(spec, target)
+    return target
+
+
+def _remove_stale_conversions(spec: ModelSpec, keep: Path) -> None:
+    """Delete conversions of earlier versions of this spec's file: they will never load again."""
+    stale = re.compile(rf"^{re.escape(spec.id)}-[0-9a-f]{{12}}$")
+    for child in keep.parent.iterdir():
+        if child != keep and child.is_dir() and stale.match(child.name):
+            logger.info("removing stale conversion %s", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _load_mlx_dir(spec: ModelSpec, model_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    from mlx_lm import load
+
+    # mlx_lm.load downloads anything that is not an existing path; never let it.
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"model {spec.id!r}: no config.json in {model_dir}")
+    try:
+        model, tokenizer, config = cast(
+            tuple[Any, Any, dict[str, Any]], load(str(model_dir), return_config=True)
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        # FileNotFoundError (no weights), safetensors/MLX errors (corrupt files), ValueError
+        # (unknown model type or weights that do not fit): all mean "this model cannot load".
+        raise ModelLoadError(f"model {spec.id!r}: cannot load {model_dir}: {e}") from e
+    return model, tokenizer, config
+
+
+def _override_chat_template(tokenizer: TokenizerWrapper, template: str) -> None:
+    # The wrapper prefers its own renderer (mlx-lm's chat_templates modules) over the
+    # tokenizer's Jinja template; a configured template must win over both.
+    tokenizer._tokenizer.chat_template = template
+    tokenizer._chat_template = None
+    tokenizer.has_chat_template = True
+
+
+def _context_length(spec: ModelSpec, config: dict[str, Any]) -> int:
+    native = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    if isinstance(native, int) and native > 0:
+        return min(spec.context_length, native)
+    return spec.context_length

@@ -1,0 +1,350 @@
+"""The inference worker: a Channels background worker on the named channel `inference`.
+
+It takes generation requests from the channel layer, hands them to the engine thread, and turns
+the engine's events into database writes (the record) and group messages (the live view):
+
+    chat consumer --generation.start--> InferenceWorker --submit--> Engine thread (MLX)
+    chat consumer <--generation.delta/done-- event pump <--Started/Delta/Finished--
+
+A consumer instance handles one message at a time, so messages only enqueue; the event pump is a
+separate task on the same loop. Everything that touches MLX stays in the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from inference.models import Generation
+from inference.schemas import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+# How often the text of a streaming generation is written to its row. Reloads show the text as
+# of the last flush, then the worker's snapshot fills the gap.
+FLUSH_INTERVAL_S = 0.5
+
+WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+_engine_lock = threading.Lock()
+_engine: Any = None
+
+
+def get_engine() -> Any:
+    """The process-wide engine, started on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None or not _engine.alive:
+            from inference.catalogue import get_catalogue
+            from inference.engine import Engine
+
+            server = settings.MLXWEB_CONFIG.server
+            _engine = Engine(
+                catalogue=get_catalogue(),
+                converted_dir=settings.MLXWEB_CONVERTED_DIR,
+                max_loaded_models=server.max_loaded_models,
+                max_prompt_tokens=server.limits.max_prompt_tokens,
+                max_new_tokens=server.limits.max_new_tokens,
+                prompt_cache_entries=server.prompt_cache.max_entries,
+                prompt_cache_bytes=server.prompt_cache.max_bytes,
+                prefill_batch_size=server.batch.prefill_batch_size,
+                completion_batch_size=server.batch.completion_batch_size,
+                prefill_step_size=server.batch.prefill_step_size,
+            )
+            _engine.start()
+        return _engine
+
+
+def stop_engine() -> None:
+    """Stop the process-wide engine (shutdown, tests)."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.stop()
+            _engine = None
+
+
+def _now(ts: float | None = None) -> datetime:
+    return datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
+
+
+@dataclass
+class _Stream:
+    """What the worker holds in memory about one generation it is serving."""
+
+    code: str
+    group: str
+    text: str = ""
+    tokens: int = 0
+    flushed_at: float = 0.0
+    first_token_at: float | None = None
+    submitted: bool = False
+    finished: bool = False
+    pending_writes: dict[str, Any] = field(default_factory=dict)
+
+
+# --- database side (sync, run in Django's thread pool) -------------------------------------
+
+
+@database_sync_to_async
+def _load_queued(code: str) -> Generation | None:
+    return Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
+
+
+@database_sync_to_async
+def _update(code: str, **fields: Any) -> None:
+    Generation.objects.filter(code=code).update(**fields)
+
+
+@database_sync_to_async
+def _finish_unstarted(code: str, state: str, reason: str, error: str = "") -> bool:
+    return bool(
+        Generation.objects.filter(code=code, state=Generation.State.QUEUED).update(
+            state=state, finish_reason=reason, error=error, finished_at=_now()
+        )
+    )
+
+
+class WorkerRuntime:
+    """Per-event-loop state of the worker: the streams it serves and the event pump."""
+
+    _by_loop: dict[int, WorkerRuntime] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[tuple[Any, float]] = asyncio.Queue()
+        self.streams: dict[str, _Stream] = {}
+        self.waiting: list[tuple[_Stream, Any]] = []  # over max_concurrent_streams
+        self.channel_layer = get_channel_layer()
+        self.pump_task = loop.create_task(self._pump())
+        self.max_streams = settings.MLXWEB_CONFIG.server.limits.max_concurrent_streams
+
+    @classmethod
+    def current(cls) -> WorkerRuntime:
+        loop = asyncio.get_running_loop()
+        runtime = cls._by_loop.get(id(loop))
+        if runtime is None or runtime.loop is not loop or runtime.pump_task.done():
+            runtime = cls(loop)
+            cls._by_loop[id(loop)] = runtime
+        return runtime
+
+    # --- requests from the channel ---------------------------------------------------------
+
+    async def start(self, code: str) -> None:
+        if code in self.streams:
+            return
+        generation = await _load_queued(code)
+        if generation is None:
+            logger.info("generation %s is not queued any more; skipped", code)
+            return
+        from inference.engine import GenerationRequest
+
+        request = GenerationRequest(
+            id=code,
+            model_id=generation.model_id,
+            messages=list(generation.messages),
+            params=GenerationParams.model_validate(generation.params),
+        )
+        stream = _Stream(code=code, group=generation.notify_group)
+        self.streams[code] = stream
+        await _update(code, worker_id=WORKER_ID)
+        if self._active_count() >= self.max_streams:
+            self.waiting.append((stream, request))
+            logger.info("generation %s waits for a free stream", code)
+            return
+        await self._submit(stream, request)
+
+    def _active_count(self) -> int:
+        return sum(1 for s in self.streams.values() if s.submitted and not s.finished)
+
+    async def _submit(self, stream: _Stream, request: Any) -> None:
+        loop = self.loop
+        events = self.events
+
+        def emit(event: Any) -> None:
+            # Called on the engine thread: stamp the time there, hand over to this loop.
+            # After shutdown the loop is closed; runner.shutdown() records what streamed.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, (event, time.time()))
+
+        stream.submitted = True
+        try:
+            engine = await asyncio.to_thread(get_engine)
+            engine.submit(request, emit)
+        except Exception as e:  # the engine could not even be started
+            logger.exception("could not submit generation %s", stream.code)
+            from inference.engine import Finished
+
+            emit(
+                Finished(
+                    request_id=stream.code,
+                    finish_reason="error",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    error=f"engine unavailable: {e}",
+                )
+            )
+
+    async def stop(self, code: str) -> None:
+        stream = self.streams.get(code)
+        if stream is not None and stream.submitted:
+            get_engine().cancel(code)
+            return
+        if stream is not None:  # waiting for a free slot: never reached the engine
+            self.waiting = [(s, r) for s, r in self.waiting if s.code != code]
+            self.streams.pop(code, None)
+        stopped = Generation.State.STOPPED
+        if await _finish_unstarted(code, stopped, Generation.FinishReason.STOPPED):
+            await self._notify_done(stream.group if stream else await self._group_of(code), code)
+
+    async def sync(self, code: str, reply_channel: str) -> None:
+        stream = self.streams.get(code)
+        if stream is not None and not stream.finished:
+            await self.channel_layer.send(
+                reply_channel,
+                {"type": "generation.snapshot", "code": code, "text": stream.text},
+            )
+        elif stream is None:
+            # Finished before the asker joined its group: let it re-render from the row.
+            await self.channel_layer.send(reply_channel, {"type": "generation.done", "code": code})
+
+    @staticmethod
+    @database_sync_to_async
+    def _group_of(code: str) -> str:
+        row = Generation.objects.filter(code=code).values_list("notify_group", flat=True).first()
+        return row or ""
+
+    # --- events from the engine ------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        from inference.engine import Delta, Finished, Started
+
+        while True:
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            deltas: dict[str, list[str]] = {}
+            try:
+                for event, ts in batch:
+                    stream = self.streams.get(event.request_id)
+                    if stream is None:
+                        continue
+                    if isinstance(event, Started):
+                        await _update(
+                            stream.code,
+                            state=Generation.State.STREAMING,
+                            started_at=_now(ts),
+                            prompt_tokens=event.prompt_tokens,
+                            cached_tokens=event.cached_tokens,
+                            trimmed_messages=event.trimmed_messages,
+                        )
+                    elif isinstance(event, Delta):
+                        deltas.setdefault(stream.code, []).append(event.text)
+                        stream.tokens = event.tokens
+                        if stream.first_token_at is None:
+                            stream.first_token_at = ts
+                            stream.pending_writes["first_token_at"] = _now(ts)
+                    elif isinstance(event, Finished):
+                        await self._send_deltas(deltas.pop(stream.code, None), stream)
+                        await self._finish(stream, event, ts)
+                for code, parts in deltas.items():
+                    stream = self.streams.get(code)
+                    if stream is not None:
+                        await self._send_deltas(parts, stream)
+                        if time.monotonic() - stream.flushed_at >= FLUSH_INTERVAL_S:
+                            await self._flush(stream)
+            except Exception:
+                # The pump must outlive a database hiccup: the next event flushes again.
+                logger.exception("inference event pump failed on a batch; continuing")
+
+    async def _send_deltas(self, parts: list[str] | None, stream: _Stream) -> None:
+        if not parts:
+            return
+        text = "".join(parts)
+        offset = len(stream.text)
+        stream.text += text
+        if stream.group:
+            await self.channel_layer.group_send(
+                stream.group,
+                {"type": "generation.delta", "code": stream.code, "text": text, "offset": offset},
+            )
+
+    async def _flush(self, stream: _Stream) -> None:
+        fields = {"text": stream.text, "completion_tokens": stream.tokens, **stream.pending_writes}
+        stream.pending_writes.clear()
+        stream.flushed_at = time.monotonic()
+        await _update(stream.code, **fields)
+
+    async def _finish(self, stream: _Stream, event: Any, ts: float) -> None:
+        stream.finished = True
+        reason = event.finish_reason
+        if reason == "error":
+            state = Generation.State.ERROR
+        elif reason == "stopped":
+            state = Generation.State.STOPPED
+        else:
+            state = Generation.State.COMPLETE
+        stream.pending_writes.update(
+            state=state,
+            finish_reason=reason,
+            error=event.error[:10_000],
+            finished_at=_now(ts),
+            completion_tokens=event.completion_tokens,
+        )
+        if event.prompt_tokens:
+            stream.pending_writes["prompt_tokens"] = event.prompt_tokens
+        stream.tokens = event.completion_tokens
+        fields = {"text": stream.text, **stream.pending_writes}
+        stream.pending_writes.clear()
+        await _update(stream.code, **fields)
+        self.streams.pop(stream.code, None)
+        logger.info("generation %s ended: %s (%d tokens)", stream.code, reason, stream.tokens)
+        await self._notify_done(stream.group, stream.code)
+        while self.waiting and self._active_count() < self.max_streams:
+            waiting_stream, request = self.waiting.pop(0)
+            await self._submit(waiting_stream, request)
+
+    async def _notify_done(self, group: str, code: str) -> None:
+        if group:
+            await self.channel_layer.group_send(group, {"type": "generation.done", "code": code})
+
+    def interrupt_all(self) -> None:
+        """Shutdown: keep every unfinished stream's text and mark it interrupted (sync)."""
+        for stream in list(self.streams.values()):
+            if stream.finished:
+                continue
+            Generation.objects.filter(code=stream.code, state__in=Generation.ACTIVE_STATES).update(
+                text=stream.text,
+                completion_tokens=stream.tokens,
+                state=Generation.State.INTERRUPTED,
+                finish_reason=Generation.FinishReason.INTERRUPTED,
+                finished_at=_now(),
+            )
+        self.streams.clear()
+
+
+class InferenceWorker(AsyncConsumer):
+    """Handles `generation.start`, `generation.stop` and `generation.sync` on the channel."""
+
+    async def generation_start(self, message: dict[str, Any]) -> None:
+        await WorkerRuntime.current().start(str(message["code"]))
+
+    async def generation_stop(self, message: dict[str, Any]) -> None:
+        await WorkerRuntime.current().stop(str(message["code"]))
+
+    async def generation_sync(self, message: dict[str, Any]) -> None:
+        await WorkerRuntime.current().sync(str(message["code"]), str(message["reply_channel"]))

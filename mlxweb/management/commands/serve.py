@@ -1,0 +1,63 @@
+"""`manage.py serve`: the whole app in one process on embedded defaults.
+
+daphne serves HTTP and websockets; unless a Redis URL moves it out, the inference worker runs on
+the same event loop (the in-memory channel layer only reaches within one process).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Serve mlxweb (HTTP, websockets and, by default, the inference worker)."
+
+    def add_arguments(self, parser: Any) -> None:
+        server = settings.MLXWEB_CONFIG.server
+        parser.add_argument("--host", default=server.host)
+        parser.add_argument("--port", type=int, default=server.port)
+        parser.add_argument(
+            "--no-worker", action="store_true", help="don't run the inference worker here"
+        )
+        parser.add_argument("--no-warm-up", action="store_true", help="don't preload the model")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # Importing daphne.server installs Twisted's asyncio reactor: do it before the reactor.
+        from channels.routing import get_default_application
+        from daphne.endpoints import build_endpoint_description_strings
+        from daphne.server import Server
+        from twisted.internet import reactor
+
+        from inference import runner
+        from models_admin.embedded import start_embedded_worker, stop_embedded_worker
+
+        if not 1 <= options["port"] <= 65535:
+            self.stderr.write(f"--port: {options['port']} is not a TCP port")
+            raise SystemExit(2)
+        run_worker = settings.INFERENCE_IN_PROCESS and not options["no_worker"]
+        if run_worker:
+            runner.prepare()
+            warm_up = not options["no_warm_up"]
+            reactor.callWhenRunning(lambda: runner.start_worker(warm_up=warm_up))  # type: ignore[attr-defined]
+        host, port = options["host"], options["port"]
+        # Model library jobs: a child Celery worker unless a Redis URL moves it out.
+        job_worker = start_embedded_worker()
+        self.stdout.write(f"mlxweb is serving at http://{host}:{port}/")
+        Server(
+            application=get_default_application(),
+            endpoints=build_endpoint_description_strings(host=host, port=port),
+            signal_handlers=True,
+            action_logger=None,
+            root_path="",
+            verbosity=0,
+        ).run()
+        if run_worker:
+            # The reactor has stopped (SIGTERM/SIGINT): unfinished replies keep their text.
+            runner.shutdown()
+        stop_embedded_worker(job_worker)

@@ -1,0 +1,205 @@
+"""The chat websocket with a scripted engine: authorization, validation, streaming, stop, sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from chat.models import Conversation, Message
+from inference.models import Generation
+from tests.chat.conftest import communicator_for, session_cookie_for
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def conversation(owner, models_root) -> Conversation:  # type: ignore[no-untyped-def]
+    return Conversation.objects.create(user=owner, model_id="smollm2-135m-instruct")
+
+
+async def _connect(user: Any, conversation: Conversation) -> WebsocketCommunicator:
+    cookie = await sync_to_async(session_cookie_for)(user)
+    communicator = communicator_for(cookie, conversation.code)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def _frames_until(communicator: WebsocketCommunicator, needle: str, limit: int = 200) -> str:
+    seen = []
+    for _ in range(limit):
+        frame = await communicator.receive_from(timeout=5)
+        seen.append(frame)
+        if needle in frame:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never arrived; got {seen!r}")
+
+
+def _send(text: str, **extra: Any) -> str:
+    return json.dumps({"type": "send", "text": text, "HEADERS": {"HX-Request": "true"}, **extra})
+
+
+async def test_it_streams_tokens_and_ends_with_the_saved_reply(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=_send("Say hello"))
+
+    frames = await _frames_until(communicator, 'class="body md"')
+    assert "Say hello" in frames
+    assert 'hx-swap-oob="beforeend:#reply-' in frames  # token deltas
+    assert "<p>Hello there, friend.</p>" in frames  # the final markdown render
+    reply = await Message.objects.select_related("generation").aget(role="assistant")
+    assert reply.generation.text == "Hello there, friend."
+    assert reply.generation.state == Generation.State.COMPLETE
+    assert reply.generation.finish_reason == "eos"
+    assert reply.generation.completion_tokens == 5
+    assert reply.generation.first_token_at is not None
+    assert fake_engine.requests[0].messages == [{"role": "user", "content": "Say hello"}]
+    await communicator.disconnect()
+
+
+async def test_it_refuses_anonymous_sockets(conversation) -> None:
+    communicator = communicator_for(None, conversation.code)
+    connected, code = await communicator.connect()
+    assert not connected
+    assert code == 4401
+
+
+async def test_it_closes_a_strangers_socket(stranger, conversation) -> None:
+    cookie = await sync_to_async(session_cookie_for)(stranger)
+    communicator = communicator_for(cookie, conversation.code)
+    connected, code = await communicator.connect()
+    assert not connected
+    assert code == 4404
+
+
+async def test_it_refuses_a_foreign_origin(owner, conversation) -> None:
+    cookie = await sync_to_async(session_cookie_for)(owner)
+    communicator = communicator_for(cookie, conversation.code, origin=b"http://evil.example")
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        (json.dumps({"type": "dance"}), "unknown message type"),
+        (_send(""), "Write a message first"),
+        (_send("hi", temperature="hot"), "temperature"),
+        (_send("hi", temperature=9), "temperature"),
+        (_send("hi", model="../../etc/passwd"), "Unknown model"),
+        (json.dumps({"type": "stop", "reply": "nope"}), "reply"),
+        (json.dumps({"type": "send", "text": "hi", "surprise": 1}), "surprise"),
+    ],
+)
+async def test_it_answers_bad_messages_with_an_error_and_stays_usable(
+    owner, conversation, fake_engine, running_worker, payload, error
+) -> None:
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=payload)
+    frame = await communicator.receive_from(timeout=5)
+    assert 'id="socket-error"' in frame
+    assert error in frame
+    assert await Generation.objects.acount() == 0
+
+    await communicator.send_to(text_data=_send("still here?"))
+    await _frames_until(communicator, 'class="body md"')
+    await communicator.disconnect()
+
+
+async def test_it_refuses_messages_over_the_size_limit(owner, conversation, settings) -> None:
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=_send("x" * 70_000))
+    frame = await communicator.receive_from(timeout=5)
+    assert "too large" in frame
+    await communicator.disconnect()
+
+
+async def test_it_escapes_html_in_user_text(owner, conversation, fake_engine, running_worker):
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=_send("<script>alert(1)</script>"))
+    frames = await _frames_until(communicator, 'class="body md"')
+    assert "<script>alert(1)</script>" not in frames
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in frames
+    await communicator.disconnect()
+
+
+async def test_it_stops_a_reply_and_keeps_its_text(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    fake_engine.words = ["one", " two", " three", " four"]
+    fake_engine.pause_after = 1  # hold the engine after the first word
+    await communicator.send_to(text_data=_send("Count"))
+    await _frames_until(communicator, ">one<")
+    reply = await Message.objects.aget(role="assistant")
+    await communicator.send_to(text_data=json.dumps({"type": "stop", "reply": str(reply.code)}))
+    await asyncio.sleep(0.05)
+    fake_engine.gate.set()
+    frames = await _frames_until(communicator, "Stopped")
+    assert 'class="body md"' in frames
+    generation = await Generation.objects.aget()
+    assert generation.state == Generation.State.STOPPED
+    assert generation.text.startswith("one")
+    assert "four" not in generation.text
+    await communicator.disconnect()
+
+
+async def test_it_keeps_streaming_after_the_socket_leaves(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    fake_engine.delay = 0.05
+    await communicator.send_to(text_data=_send("Go on"))
+    await _frames_until(communicator, "beforeend:#reply-")
+    await communicator.disconnect()
+    for _ in range(100):
+        generation = await Generation.objects.aget()
+        if not generation.is_active:
+            break
+        await asyncio.sleep(0.05)
+    assert generation.state == Generation.State.COMPLETE
+    assert generation.text == "Hello there, friend."
+
+
+async def test_it_sends_a_new_tab_the_text_so_far_then_keeps_streaming(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    first = await _connect(owner, conversation)
+    fake_engine.words = ["alpha", " beta", " gamma", " delta"]
+    fake_engine.pause_after = 2
+    await first.send_to(text_data=_send("Greek"))
+    await _frames_until(first, "beta")
+
+    second = await _connect(owner, conversation)
+    snapshot = await second.receive_from(timeout=5)
+    assert 'hx-swap-oob="true"' in snapshot
+    assert "alpha beta" in snapshot  # the exact text so far, replacing what the page showed
+    fake_engine.gate.set()
+    frames = await _frames_until(second, 'class="body md"')
+    assert "<p>alpha beta gamma delta</p>" in frames
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_it_refuses_a_second_turn_while_a_reply_streams(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    fake_engine.gate.clear()
+    await communicator.send_to(text_data=_send("first"))
+    await communicator.send_to(text_data=_send("second"))
+    frames = await _frames_until(communicator, "socket-error")
+    assert "Wait for the reply to finish" in frames
+    fake_engine.gate.set()
+    await _frames_until(communicator, 'class="body md"')
+    assert await Message.objects.filter(role="user").acount() == 1
+    await communicator.disconnect()

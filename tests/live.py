@@ -1,0 +1,134 @@
+"""Running the real server in subprocesses, for the scale-out and browser tests."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on {port} within {timeout} s")
+
+
+def write_configs(directory: Path, *, model_id: str, model_dir: str, **server: object) -> Path:
+    """A configs folder whose default model is an MLX directory inside the models dir."""
+    (directory / "models").mkdir(parents=True, exist_ok=True)
+    lines = [f"default_model: {model_id}"] + [f"{k}: {v}" for k, v in server.items()]
+    (directory / "server.yaml").write_text("\n".join(lines) + "\n")
+    (directory / "models" / f"{model_id}.yaml").write_text(
+        f"name: {model_id}\nsource:\n  path: {model_dir}\ncontext_length: 2048\n"
+        "sampling:\n  temperature: 0\n  max_tokens: 64\n"
+    )
+    return directory
+
+
+@dataclass
+class Site:
+    """An mlxweb started with `manage.py` subprocesses in a given environment."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    port: int = 0
+
+    def manage(self, *args: str, timeout: float = 120) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+            text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.processes[name] = process
+        return process
+
+    def serve(self, *extra: str) -> None:
+        self.port = free_port()
+        process = self.start("web", "serve", "--port", str(self.port), *extra)
+        wait_for_port(self.port, process)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name, signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Browserless:
+    """A cookie-keeping HTTP client that signs in like a browser's form post."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path: str) -> tuple[str, str]:
+        with self.opener.open(self.base_url + path, timeout=30) as response:
+            return response.geturl(), response.read().decode()
+
+    def post(
+        self, path: str, data: dict[str, str], form_page: str | None = None
+    ) -> tuple[str, str]:
+        """Post a form as a browser would: the CSRF token comes from the page showing it."""
+        _, page = self.get(form_page or path)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+        assert token, f"no CSRF token on {path}"
+        body = urllib.parse.urlencode({**data, "csrfmiddlewaretoken": token.group(1)}).encode()
+        request = urllib.request.Request(
+            self.base_url + path, data=body, headers={"Referer": self.base_url + path}
+        )
+        with self.opener.open(request, timeout=30) as response:
+            return response.geturl(), response.read().decode()
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.jar)
