@@ -33,6 +33,7 @@ ensure_fast_blas(sys.argv)
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import html  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
@@ -229,7 +230,7 @@ class Settings:
     config: Config
     catalogue: Catalogue
     spec: ModelSpec
-    model_dir: Path  # the mlx-lm directory all three (raw, engine, mlx_lm.server) load
+    model_dir: Path  # the mlx-lm directory the model is stored in
     converted_dir: Path
     models_dir: Path
     max_tokens: int
@@ -240,6 +241,15 @@ class Settings:
     skip_server: bool
     output: Path | None
     command: str
+    # Where the engine serves the model in float32 (MLX on the CPU, cpu_float32_max_bytes), a
+    # float32 copy of it written for the run, which raw mlx-lm and mlx_lm.server load instead,
+    # so that all four paths compute with the same weights.
+    float32_dir: Path | None = None
+
+    @property
+    def served_dir(self) -> Path:
+        """The directory raw mlx-lm and mlx_lm.server load: the weights our engine serves."""
+        return self.float32_dir or self.model_dir
 
 
 def _concurrency(value: str) -> tuple[int, ...]:
@@ -415,7 +425,10 @@ class RawPath:
         # override; the model and tokenizer are mlx_lm.load's.
         from inference.loader import load_model
 
-        self.loaded = load_model(settings.spec, settings.converted_dir)
+        spec = settings.spec
+        if settings.float32_dir is not None:
+            spec = dataclasses.replace(spec, kind="mlx", path=settings.float32_dir)
+        self.loaded = load_model(spec, settings.converted_dir)
         self.single(_user("Say hello."), 4)  # warm-up
 
     def single(self, messages: list[dict[str, str]], max_tokens: int) -> Stream:
@@ -466,6 +479,7 @@ class EnginePath:
             prefill_batch_size=server.batch.prefill_batch_size,
             completion_batch_size=server.batch.completion_batch_size,
             prefill_step_size=server.batch.prefill_step_size,
+            cpu_float32_max_bytes=server.cpu_float32_max_bytes,
         )
         self.engine.start()
         self.engine.load(self.model_id)
@@ -749,7 +763,7 @@ class ServerPath:
         self.port = free_port()
         command = [
             str(Path(sys.executable).parent / "mlx_lm.server"),
-            "--model", str(settings.model_dir),
+            "--model", str(settings.served_dir),
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--prompt-cache-size", str(prompt_cache_size),
@@ -1053,6 +1067,13 @@ def _machine(settings: Settings) -> list[str]:
         f"{metadata.version('mlx-lm')}; BLAS: {blas}",
         f"- model: `{settings.spec.id}` from `{os.path.relpath(settings.model_dir, ROOT)}` "
         f"(quantization: {quantization})",
+        "- weights computed with: "
+        + (
+            "float32, dequantized at load (`cpu_float32_max_bytes`) by our engine and app; raw "
+            "mlx-lm and mlx_lm.server load a float32 copy written for the run"
+            if settings.float32_dir is not None
+            else "as stored, by all four"
+        ),
     ]
 
 
@@ -1319,6 +1340,26 @@ def _phase_medians(streams: list[Stream]) -> dict[str, float]:
 # --------------------------------------------------------------------------- main
 
 
+def write_float32_copy(settings: Settings, workdir: Path) -> Path | None:
+    """The float32 weights the engine will serve (see `Settings.float32_dir`), or None."""
+    from mlx_lm.utils import save_config, save_model
+
+    from inference.loader import load_model, use_float32_on_cpu
+
+    loaded = load_model(settings.spec, settings.converted_dir)  # converts a GGUF model once
+    if not use_float32_on_cpu(loaded, settings.config.server.cpu_float32_max_bytes):
+        return None
+    target = workdir / "float32-model"
+    config = json.loads((settings.model_dir / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+    config["torch_dtype"] = "float32"
+    save_model(target, loaded.model)
+    save_config(config, target / "config.json")
+    loaded.tokenizer.save_pretrained(target)
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
@@ -1330,6 +1371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     monitor = CpuMonitor()
     logger.info("model %s, directory %s", settings.spec.id, settings.model_dir)
     with tempfile.TemporaryDirectory(prefix="mlxweb-bench-") as tmp:
+        float32_dir = write_float32_copy(settings, Path(tmp))
+        if float32_dir is not None:
+            logger.info(
+                "the engine serves float32 weights: raw mlx-lm and mlx_lm.server load a copy"
+            )
+            settings = dataclasses.replace(settings, float32_dir=float32_dir)
         logger.info("part 1/2: one chat and concurrent chats, prompt caches off")
         cold = run_cold(settings, Path(tmp), monitor)
         logger.info("part 2/2: multi-turn conversations, prompt caches on")

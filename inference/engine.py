@@ -179,6 +179,7 @@ class Engine:
         prefill_batch_size: int = 8,
         completion_batch_size: int = 32,
         prefill_step_size: int = 2048,
+        cpu_float32_max_bytes: int = 0,
     ) -> None:
         self.catalogue = catalogue
         self.converted_dir = Path(converted_dir)
@@ -190,6 +191,7 @@ class Engine:
         self.prefill_batch_size = prefill_batch_size
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
+        self.cpu_float32_max_bytes = cpu_float32_max_bytes
 
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Guards _state and every put on the inbox, so that once the thread has drained the
@@ -372,12 +374,13 @@ class Engine:
         from mlx_lm.generate import StopSequences
         from mlx_lm.models.cache import LRUPromptCache
 
-        from inference.loader import load_model
+        from inference.loader import load_model, use_float32_on_cpu
 
         while len(self._slots) >= self.max_loaded_models:
             idle = next(mid for mid, slot in self._slots.items() if not slot.active)
             self._unload(idle)
         loaded = load_model(spec, self.converted_dir)
+        use_float32_on_cpu(loaded, self.cpu_float32_max_bytes)
         prompt_cache = None
         if self.prompt_cache_entries > 0 and self.prompt_cache_bytes > 0:
             prompt_cache = LRUPromptCache(

@@ -154,10 +154,9 @@ def path_size(path: Path) -> int:
 
 
 def _memory_bytes(model: nn.Module) -> int:
-    from mlx.utils import tree_flatten
+    from inference.loader import parameters
 
-    leaves = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
-    return sum(int(v.nbytes) for _, v in leaves)
+    return sum(int(v.nbytes) for _, v in parameters(model))
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 from inference.catalogue import ModelSpec
 
 if TYPE_CHECKING:
+    import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -38,6 +39,8 @@ class LoadedModel:
     tokenizer: TokenizerWrapper
     context_length: int
     spec: ModelSpec
+    # Dequantized / cast to float32 for the CPU at load (`use_float32_on_cpu`).
+    float32: bool = False
 
 
 def converted_path(spec: ModelSpec, converted_dir: Path) -> Path:
@@ -71,6 +74,62 @@ def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
         time.perf_counter() - started,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, context_length=context, spec=spec)
+
+
+def parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's parameters as (dotted name, array) pairs."""
+    from mlx.utils import tree_flatten
+
+    return cast(list[tuple[str, "mx.array"]], tree_flatten(model.parameters()))
+
+
+def float32_bytes(model: nn.Module) -> int:
+    """How many bytes the model's weights take once dequantized and cast to float32."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    elements = sum(value.size for _, value in parameters(model))
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding | QuantizedSwitchLinear):
+            biases = module.get("biases")
+            elements -= module.scales.size + (biases.size if biases is not None else 0)
+            elements += module.weight.size * 32 // module.bits - module.weight.size
+    return elements * 4
+
+
+def use_float32_on_cpu(loaded: LoadedModel, max_bytes: int) -> bool:
+    """Serve the model in float32 if MLX runs on the CPU and its float32 weights fit `max_bytes`.
+
+    On x86 MLX's quantized matmul is a scalar single-threaded loop and float16/bfloat16 are
+    emulated, while float32 matmuls go through BLAS (OpenBLAS, which the launcher preloads):
+    SmolLM2-135M decodes about twice and prefills about thirteen times as fast (see
+    ENGINE_FACTS). The files on disk stay as they are. Returns whether the model was changed.
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    if mx.default_device() != mx.cpu or max_bytes <= 0:
+        return False
+    params = parameters(loaded.model)
+    quantized = any(name.endswith(".scales") for name, _ in params)
+    narrow = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in params)
+    if not (quantized or narrow):
+        return False
+    size = float32_bytes(loaded.model)
+    if size > max_bytes:
+        logger.info(
+            "model %s stays as it is: float32 would take %.2f GB (cpu_float32_max_bytes %.2f GB)",
+            loaded.spec.id,
+            size / 1e9,
+            max_bytes / 1e9,
+        )
+        return False
+    dequantize_model(loaded.model)
+    loaded.model.set_dtype(mx.float32)
+    mx.eval(loaded.model.parameters())
+    loaded.float32 = True
+    logger.info("model %s runs in float32 on the CPU (%.2f GB)", loaded.spec.id, size / 1e9)
+    return True
 
 
 def _missing_message(spec: ModelSpec) -> str:

@@ -64,6 +64,7 @@ def get_engine() -> Any:
                 prefill_batch_size=server.batch.prefill_batch_size,
                 completion_batch_size=server.batch.completion_batch_size,
                 prefill_step_size=server.batch.prefill_step_size,
+                cpu_float32_max_bytes=server.cpu_float32_max_bytes,
             )
             _engine.start()
         return _engine

@@ -91,6 +91,9 @@ class ServerConfig(_Strict):
     models_dir: Path = Path("var/models")
     allow_signup: bool = True
     max_loaded_models: int = Field(1, ge=1, le=16)
+    # Without a GPU, models whose float32 weights fit in this many bytes are served in float32
+    # (quantized MLX matmuls are scalar loops on x86; float32 uses BLAS). 0: always as stored.
+    cpu_float32_max_bytes: int = Field(2 * 1024**3, ge=0)
     limits: Limits = Limits()
     prompt_cache: PromptCacheSettings = PromptCacheSettings()
     batch: BatchSettings = BatchSettings()
@@ -183,6 +186,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_MODELS_DIR": "models_dir",
     "MLXWEB_ALLOW_SIGNUP": "allow_signup",
     "MLXWEB_MAX_LOADED_MODELS": "max_loaded_models",
+    "MLXWEB_CPU_FLOAT32_MAX_BYTES": "cpu_float32_max_bytes",
     "MLXWEB_MAX_CONCURRENT_STREAMS": "limits.max_concurrent_streams",
     "MLXWEB_MAX_PROMPT_TOKENS": "limits.max_prompt_tokens",
     "MLXWEB_MAX_NEW_TOKENS": "limits.max_new_tokens",

@@ -23,6 +23,7 @@ from inference.engine import (
     Started,
 )
 from inference.schemas import GenerationParams
+from inference.testing import build_tiny_model
 from mlxweb.config import Config, ServerConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -559,6 +560,24 @@ def test_it_keeps_at_most_the_configured_number_of_models(
     assert a.text == b.text == a_again.text
     unloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloaded")]
     assert unloaded == ["unloaded model tiny-a", "unloaded model tiny-b"]
+
+
+@pytest.mark.parametrize(("max_bytes", "float32"), [(2**31, True), (0, False)])
+def test_it_serves_quantized_models_in_float32_on_the_cpu_within_the_budget(
+    make_engine: Callable[..., Engine],
+    smollm2_gguf: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    max_bytes: int,
+    float32: bool,
+) -> None:
+    build_tiny_model(tmp_path / "quantized" / "tiny", smollm2_gguf, quantize_bits=4)
+    engine = make_engine(tmp_path / "quantized", cpu_float32_max_bytes=max_bytes)
+    with caplog.at_level(logging.INFO, logger="inference.loader"):
+        recorder = complete(engine, max_tokens=5)
+    assert recorder.finished.finish_reason == "max_tokens" and recorder.text
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("model tiny runs in float32 on the CPU") for m in said) is float32
 
 
 def test_it_waits_on_its_queue_when_idle(engine: Engine) -> None:

@@ -6,11 +6,21 @@ import os
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 import inference.gguf
 from inference.catalogue import ModelSpec
-from inference.loader import LoadedModel, ModelLoadError, converted_path, load_model
+from inference.loader import (
+    LoadedModel,
+    ModelLoadError,
+    converted_path,
+    float32_bytes,
+    load_model,
+    parameters,
+    use_float32_on_cpu,
+)
+from inference.testing import build_tiny_model
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -130,3 +140,58 @@ def test_it_reports_bad_files(tiny_model_dir: Path, tmp_path: Path) -> None:
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(_mlx_spec(corrupt), tmp_path)
+
+
+# --------------------------------------------------------------------------- float32 on the CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-4bit") / "tiny", smollm2_gguf, quantize_bits=4
+    )
+
+
+def _logits(loaded: LoadedModel) -> mx.array:
+    tokens = mx.array([loaded.tokenizer.encode("The capital of France is")])
+    logits = loaded.model(tokens)[0, -1].astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+def test_it_serves_a_quantized_model_in_float32_when_it_fits(tiny_4bit_dir: Path) -> None:
+    loaded = load_model(_mlx_spec(tiny_4bit_dir), tiny_4bit_dir.parent)
+    quantized_logits = _logits(loaded)
+    expected_bytes = float32_bytes(loaded.model)
+
+    assert use_float32_on_cpu(loaded, expected_bytes) is True
+
+    assert loaded.float32
+    params = parameters(loaded.model)
+    assert not any(name.endswith((".scales", ".biases")) for name, _ in params)
+    assert {value.dtype for _, value in params} == {mx.float32}
+    # float32_bytes predicted the size of the dequantized weights exactly.
+    assert sum(value.nbytes for _, value in params) == expected_bytes
+    # The same function: quantized matmuls compute with exactly these dequantized weights.
+    dense_logits = _logits(loaded)
+    assert mx.argmax(dense_logits).item() == mx.argmax(quantized_logits).item()
+    assert mx.allclose(dense_logits, quantized_logits, atol=1e-3, rtol=1e-3).item()
+
+
+@pytest.mark.parametrize("budget", ["one byte short", "off"])
+def test_it_keeps_the_model_as_stored_when_float32_does_not_fit(
+    tiny_4bit_dir: Path, budget: str
+) -> None:
+    loaded = load_model(_mlx_spec(tiny_4bit_dir), tiny_4bit_dir.parent)
+    max_bytes = float32_bytes(loaded.model) - 1 if budget == "one byte short" else 0
+
+    assert use_float32_on_cpu(loaded, max_bytes) is False
+
+    assert not loaded.float32
+    assert any(name.endswith(".scales") for name, _ in parameters(loaded.model))
+
+
+def test_it_leaves_a_float32_model_alone(tiny_model_dir: Path) -> None:
+    loaded = load_model(_mlx_spec(tiny_model_dir), tiny_model_dir.parent)
+    assert use_float32_on_cpu(loaded, 2**40) is False
+    assert not loaded.float32
