@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from inference.catalogue import ModelSpec, get_catalogue
@@ -99,6 +101,21 @@ def generation_request_sync(*, generation: Generation, reply_channel: str) -> No
         settings.INFERENCE_CHANNEL,
         {"type": "generation.sync", "code": str(generation.code), "reply_channel": reply_channel},
     )
+
+
+def model_last_used() -> dict[str, datetime]:
+    """When each model id last got a request."""
+    rows = Generation.objects.values("model_id").annotate(last=Max("created_at"))
+    return {row["model_id"]: row["last"] for row in rows}
+
+
+def generation_count_active(*, model_ids: Sequence[str]) -> int:
+    """Replies queued or streaming from these models right now."""
+    if not model_ids:
+        return 0
+    return Generation.objects.filter(
+        model_id__in=list(model_ids), state__in=Generation.ACTIVE_STATES
+    ).count()
 
 
 def generation_mark_orphans_interrupted(*, worker_id: str) -> int:

@@ -32,10 +32,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db.models import Q
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
+from inference import services as inference_services
 from inference.catalogue import model_id_for_dir
 from models_admin import hub, library
 from models_admin import progress as progress_module
@@ -198,14 +199,6 @@ def _catalogue_ids() -> tuple[dict[str, str], dict[str, str]]:
     return by_path, by_repo
 
 
-def _last_used() -> dict[str, Any]:
-    """When each model id last got a request: a read-only look at the inference app's rows."""
-    from inference.models import Generation
-
-    rows = Generation.objects.values("model_id").annotate(last=Max("created_at"))
-    return {row["model_id"]: row["last"] for row in rows}
-
-
 def library_scan() -> list[LibraryModel]:
     """Bring the library rows in line with the disk and return them, ordered by name.
 
@@ -217,7 +210,7 @@ def library_scan() -> list[LibraryModel]:
     known = {path: row.signature for path, row in existing.items()}
     scanned = library.scan_models_dir(models_dir, known) + library.scan_hf_cache(cache_dir, known)
     by_path, by_repo = _catalogue_ids()
-    last_used = _last_used()
+    last_used = inference_services.model_last_used()
     pulling = {
         params.get("repo_id")
         for params in ModelJob.objects.filter(
@@ -320,17 +313,6 @@ def _model_ids_for(path: Path, repo_id: str = "") -> list[str]:
     return sorted(ids)
 
 
-def _active_replies(model_ids: list[str]) -> int:
-    """Replies queued or streaming from these models (read-only look at inference's rows)."""
-    from inference.models import Generation
-
-    if not model_ids:
-        return 0
-    return Generation.objects.filter(
-        model_id__in=model_ids, state__in=Generation.ACTIVE_STATES
-    ).count()
-
-
 def _hf_delete_strategy(path: Path) -> Any:
     from huggingface_hub import scan_cache_dir
 
@@ -352,7 +334,10 @@ def library_delete_preview(*, entry: LibraryModel) -> DeletePreview:
     ids = _model_ids_for(path, entry.repo_id)
     links = [link.name for link in library.links_into(Path(settings.MLXWEB_MODELS_DIR), path)]
     return DeletePreview(
-        freed_bytes=freed, active_replies=_active_replies(ids), model_ids=ids, links=links
+        freed_bytes=freed,
+        active_replies=inference_services.generation_count_active(model_ids=ids),
+        model_ids=ids,
+        links=links,
     )
 
 
@@ -1147,7 +1132,7 @@ def model_delete(*, path: str, progress: JobProgress, repo_id: str = "") -> dict
     model_ids = _model_ids_for(target, repo_id)
     progress.start_step("checking for replies in progress")
     waited = 0.0
-    while (active := _active_replies(model_ids)) > 0:
+    while (active := inference_services.generation_count_active(model_ids=model_ids)) > 0:
         if waited >= DELETE_WAIT_SECONDS:
             raise JobError(f"Replies from {', '.join(model_ids)} are still running: try later.")
         progress.set_step_text(f"waiting for {active} repl{'y' if active == 1 else 'ies'} to end")
