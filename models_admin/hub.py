@@ -3,8 +3,11 @@
 `huggingface_hub.snapshot_download` does the work (the cache layout, locks, Xet, retries); this
 module picks the files, reports progress through a tqdm class, and turns its exceptions into
 messages a person can act on. Within one pull, a dropped connection resumes where it stopped
-(huggingface_hub retries with an HTTP Range request); across pulls, finished files stay in the
-cache and are not fetched again (huggingface_hub 2.x discards a partial file when a call fails).
+(huggingface_hub retries with an HTTP Range request), and finished files are never fetched again.
+huggingface_hub 2.x deletes a partial file when a download fails, so weights served over plain
+HTTP are fetched here first, into a partial file in the cache that outlives a failed or crashed
+job: the retry resumes it with a Range request. (Xet-stored files keep huggingface_hub's own path:
+hf_xet's chunk cache already makes their retries incremental.) A cancelled pull removes it.
 """
 
 from __future__ import annotations
@@ -210,6 +213,9 @@ def download(
     # A module setting that http_get reads on each call; lowered, never raised (tests lower it).
     constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, DOWNLOAD_CHUNK_BYTES)
     with _warnings_into(progress):
+        for name in plan.files:
+            if name.endswith(".safetensors"):
+                _fetch_resumably(plan, name, cache_dir, endpoint, token, progress)
         path = snapshot_download(
             plan.repo_id,
             revision=plan.revision,
@@ -222,6 +228,69 @@ def download(
             tqdm_class=progress_bar_class(progress),
         )
     return Path(path)
+
+
+def partial_path(blob: Path) -> Path:
+    """Where a blob of the cache is downloaded to, across jobs, until it is whole."""
+    return blob.with_name(f"{blob.name}.mlxweb-partial")
+
+
+def _fetch_resumably(
+    plan: RepoPlan,
+    name: str,
+    cache_dir: Path,
+    endpoint: str | None,
+    token: str | None,
+    progress: JobProgress,
+) -> None:
+    """Put one file's blob into the cache through a partial file that a retry resumes.
+
+    snapshot_download then finds the blob and only links it into the snapshot.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    # is_xet_available: the very check hf_hub_download makes to choose Xet (file_download
+    # imports it from a private module).
+    from huggingface_hub.file_download import http_get, is_xet_available
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    storage = storage_folder(cache_dir, plan.repo_id)
+    if (storage / "snapshots" / plan.commit / name).exists():
+        return
+    url = hf_hub_url(plan.repo_id, name, revision=plan.commit, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+    if meta.etag is None or (meta.xet_file_data is not None and is_xet_available()):
+        return
+    blob = storage / "blobs" / meta.etag
+    partial = partial_path(blob)
+    lock = cache_dir / ".locks" / storage.name / f"{meta.etag}.lock"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if blob.exists():
+            return
+        try:
+            with partial.open("ab") as f:
+                have = f.tell()
+                if meta.size is not None and have > meta.size:
+                    f.truncate(0)  # not this file's start after all
+                    have = 0
+                if have:
+                    progress.log(f"resuming {name} at {have} of {meta.size} bytes")
+                    progress.advance(have)
+                http_get(
+                    meta.location,
+                    f,
+                    resume_size=have,
+                    headers=build_hf_headers(token=token),
+                    expected_size=meta.size,
+                    displayed_filename=name,
+                    tqdm_class=progress_bar_class(progress),
+                )
+        except (JobCancelled, KeyboardInterrupt):
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, blob)
 
 
 class _LogTail(logging.Handler):

@@ -239,12 +239,16 @@ class FakeHub:
     Serves repo info, the recursive tree listing and `resolve` (HEAD and GET with Range), with
     the headers huggingface_hub reads (X-Repo-Commit, ETag, Content-Length, X-Error-Code).
     `drop_after[file] = n` closes the connection once after sending n bytes of that file;
-    `bytes_per_second` slows every file transfer down.
+    `down_after_drop` then also puts that file in `unavailable`, whose files answer HTTP 503
+    until taken out (an outage longer than a client's retries); `bytes_per_second` slows every
+    file transfer down.
     """
 
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)
+    down_after_drop: bool = False
+    unavailable: set[str] = field(default_factory=set)
     bytes_per_second: float | None = None
     served: dict[str, int] = field(default_factory=dict)
     server: ThreadingHTTPServer | None = None
@@ -356,6 +360,8 @@ class FakeHub:
                 return self._error(h, 404, "RevisionNotFound", head)
             if name not in repo.files:
                 return self._error(h, 404, "EntryNotFound", head, **{"X-Repo-Commit": repo.commit})
+            if name in self.unavailable and not head:
+                return self._error(h, 503, "ServiceUnavailable", head)
             return self._file(h, repo, name, head)
         return self._error(h, 404, "RepoNotFound", head)
 
@@ -433,6 +439,8 @@ class FakeHub:
                 time.sleep(len(piece) / self.bytes_per_second)
         if drop is not None:
             # The transfer breaks half-way, as on a flaky network.
+            if self.down_after_drop:
+                self.unavailable.add(name)
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
 

@@ -113,6 +113,42 @@ def test_it_resumes_a_transfer_that_broke_off(
     assert "resume" in job.log.lower()
 
 
+def test_a_retry_resumes_the_file_a_failed_pull_left_half_done(
+    library: Path, hf_cache: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from models_admin import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    repo = fake_hub.repos[TINY_REPO]
+    size = len(repo.files["model.safetensors"])
+    fake_hub.drop_after["model.safetensors"] = size // 2
+    fake_hub.down_after_drop = True  # and the hub stays down for that file: the pull fails
+    blob = hf_cache / "models--test-org--tiny-llama" / "blobs" / repo.sha256("model.safetensors")
+
+    failed = _pull()
+
+    assert failed.state == ModelJob.State.FAILED
+    assert "503" in failed.error
+    kept = hub.partial_path(blob).stat().st_size
+    assert 0 < kept <= size // 2
+
+    fake_hub.unavailable.clear()
+    fake_hub.requests.clear()
+    retry = services.job_run(job=services.job_retry(job=failed, enqueue=False))
+
+    assert retry.state == ModelJob.State.SUCCEEDED, retry.error
+    (get,) = fake_hub.file_requests("model.safetensors")
+    assert get["range"] == f"bytes={kept}-"
+    assert (_snapshot(hf_cache, fake_hub) / "model.safetensors").read_bytes() == repo.files[
+        "model.safetensors"
+    ]
+    assert not hub.partial_path(blob).exists()
+    assert f"resuming model.safetensors at {kept}" in retry.log
+    assert retry.done == retry.total
+
+
 def test_it_skips_files_already_in_the_cache(library: Path, fake_hub: FakeHub) -> None:
     _pull()
     fake_hub.requests.clear()
