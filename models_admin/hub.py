@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -213,9 +214,15 @@ def download(
     # A module setting that http_get reads on each call; lowered, never raised (tests lower it).
     constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, DOWNLOAD_CHUNK_BYTES)
     with _warnings_into(progress):
-        for name in plan.files:
-            if name.endswith(".safetensors"):
-                _fetch_resumably(plan, name, cache_dir, endpoint, token, progress)
+        # Weight shards in parallel, as snapshot_download would fetch them.
+        weights = [name for name in plan.files if name.endswith(".safetensors")]
+        with ThreadPoolExecutor(max_workers=MAX_DOWNLOAD_THREADS) as pool:
+            fetches = [
+                pool.submit(_fetch_resumably, plan, name, cache_dir, endpoint, token, progress)
+                for name in weights
+            ]
+            for fetch in fetches:
+                fetch.result()
         path = snapshot_download(
             plan.repo_id,
             revision=plan.revision,
