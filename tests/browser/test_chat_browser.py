@@ -92,6 +92,8 @@ def test_it_stops_a_reply_and_keeps_the_text(first_user_page: Page, live_site) -
     _start_chat(page, "Write a very long story", max_tokens=2000)
     streaming = page.locator("article.assistant .streaming").last
     expect(streaming).not_to_be_empty(timeout=30_000)
+    # Once text arrives the reply says it is being written, no longer that it waits.
+    expect(page.locator("article.assistant form.stop .status:visible")).to_have_text("Writing…")
     page.locator("article.assistant form.stop button").last.click()
 
     reply = page.locator("article.assistant").last
