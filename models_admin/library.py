@@ -60,6 +60,11 @@ class ScannedModel:
     details: dict[str, Any] | None = field(default=None)
 
 
+# Part of every signature: raised when what a scan reads from a model changes, so the next scan
+# after an upgrade reads every model again instead of keeping details the old code read.
+DETAILS_VERSION = 2
+
+
 def path_signature(paths: list[Path]) -> tuple[str, int, datetime | None]:
     """A cheap fingerprint of a set of files (count, total size, newest mtime), their size."""
     total, newest = 0, 0
@@ -73,7 +78,7 @@ def path_signature(paths: list[Path]) -> tuple[str, int, datetime | None]:
         total += st.st_size
         newest = max(newest, st.st_mtime_ns)
     modified = datetime.fromtimestamp(newest / 1e9, tz=UTC) if newest else None
-    return f"{count}:{total}:{newest}", total, modified
+    return f"v{DETAILS_VERSION}:{count}:{total}:{newest}", total, modified
 
 
 def _dir_files(path: Path) -> list[Path]:
@@ -354,6 +359,21 @@ def read_gguf_summary(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return metadata, types
 
 
+def _file_type(value: Any) -> str | None:
+    """llama.cpp's `general.file_type` as a type name ("Q4_K_M", "F16"), or None."""
+    import gguf
+
+    if not isinstance(value, int):
+        return None
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        return None
+    if name == "GUESSED":
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def inspect_gguf(path: Path) -> dict[str, Any]:
     """Details of a GGUF file, from its header (the tensors are not read)."""
     details: dict[str, Any] = {
@@ -382,7 +402,11 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     details["context_length"] = int(context) if isinstance(context, int) else None
     details["parameter_count"] = sum(types.values()) or None
     if types:
-        main_type = max(types, key=lambda k: types[k])
+        # The file's declared type (llama.cpp's general.file_type, e.g. Q4_K_M) names the mix;
+        # counting parameters would name whatever holds the most, often an 8-bit embedding.
+        main_type = _file_type(metadata.get("general.file_type")) or max(
+            types, key=lambda k: types[k]
+        )
         details["quant_detail"] = main_type
         digits = "".join(c for c in main_type.split("_")[0] if c.isdigit())
         if main_type.startswith(("Q", "IQ")) and digits:

@@ -19,13 +19,17 @@ from .conftest import TINY_REPO, FakeHub
 pytestmark = pytest.mark.django_db
 
 
-def write_gguf(path: Path, *, arch: str = "llama", chat_template: bool = True) -> Path:
+def write_gguf(
+    path: Path, *, arch: str = "llama", chat_template: bool = True, file_type: int | None = None
+) -> Path:
     """A small valid GGUF file (two float32 tensors) written with the gguf package."""
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(4096)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     if chat_template:
         writer.add_chat_template("{{ messages }}")
     writer.add_tensor("token_embd.weight", np.zeros((32, 16), dtype=np.float32))
@@ -89,6 +93,36 @@ def test_it_lists_gguf_files(library: Path) -> None:
     other = rows["other.gguf"]
     assert not other.loadable and not other.has_chat_template
     assert "import it" in other.load_problem
+
+
+def test_it_names_a_gguf_quantization_by_the_file_type_it_declares(library: Path) -> None:
+    import gguf
+
+    # A Q4_K_M file keeps some tensors (often the large embedding) in other types: the type
+    # holding the most parameters is not the file's quantization, its declared file type is.
+    write_gguf(library / "mixed.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M)
+
+    (row,) = services.library_scan()
+
+    assert row.quant_detail == "Q4_K_M"
+    assert row.quant_bits == 4 and row.quant_group_size is None and row.dtype == ""
+
+
+def test_it_reads_every_model_again_once_the_scanner_changes(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models_admin import library as library_module
+
+    write_gguf(library / "smol.gguf")
+    services.library_scan()
+    LibraryModel.objects.update(architecture="as an older scanner read it")
+
+    services.library_scan()  # same files: the row is kept as it is
+    assert LibraryModel.objects.get().architecture == "as an older scanner read it"
+
+    monkeypatch.setattr(library_module, "DETAILS_VERSION", library_module.DETAILS_VERSION + 1)
+    services.library_scan()
+    assert LibraryModel.objects.get().architecture == "llama"
 
 
 @pytest.mark.django_db(transaction=True)
