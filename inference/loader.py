@@ -39,8 +39,6 @@ class LoadedModel:
     tokenizer: TokenizerWrapper
     context_length: int
     spec: ModelSpec
-    # Dequantized / cast to float32 for the CPU at load (`use_float32_on_cpu`).
-    float32: bool = False
 
 
 def converted_path(spec: ModelSpec, converted_dir: Path) -> Path:
@@ -127,7 +125,6 @@ def use_float32_on_cpu(loaded: LoadedModel, max_bytes: int) -> bool:
     dequantize_model(loaded.model)
     loaded.model.set_dtype(mx.float32)
     mx.eval(loaded.model.parameters())
-    loaded.float32 = True
     logger.info("model %s runs in float32 on the CPU (%.2f GB)", loaded.spec.id, size / 1e9)
     return True
 

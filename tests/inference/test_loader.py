@@ -166,7 +166,6 @@ def test_it_serves_a_quantized_model_in_float32_when_it_fits(tiny_4bit_dir: Path
 
     assert use_float32_on_cpu(loaded, expected_bytes) is True
 
-    assert loaded.float32
     params = parameters(loaded.model)
     assert not any(name.endswith((".scales", ".biases")) for name, _ in params)
     assert {value.dtype for _, value in params} == {mx.float32}
@@ -187,11 +186,9 @@ def test_it_keeps_the_model_as_stored_when_float32_does_not_fit(
 
     assert use_float32_on_cpu(loaded, max_bytes) is False
 
-    assert not loaded.float32
     assert any(name.endswith(".scales") for name, _ in parameters(loaded.model))
 
 
 def test_it_leaves_a_float32_model_alone(tiny_model_dir: Path) -> None:
     loaded = load_model(_mlx_spec(tiny_model_dir), tiny_model_dir.parent)
     assert use_float32_on_cpu(loaded, 2**40) is False
-    assert not loaded.float32
