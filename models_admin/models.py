@@ -96,7 +96,7 @@ class ModelJob(models.Model):
     LOG_TAIL_LINES = 200
 
     code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    # A registered kind (see models_admin.kinds); no choices, so a new kind needs no migration.
+    # A registered kind (see models_admin.services.jobs); no choices: a new kind needs no migration.
     kind = models.CharField(max_length=32)
     title = models.CharField(max_length=300, blank=True)
     params = models.JSONField(default=dict)

@@ -20,7 +20,7 @@ from django.core.files.uploadhandler import FileUploadHandler, SkipFile, StopUpl
 from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat
 
-from models_admin.services import GGUF_MAGIC
+from models_admin.services.paths import GGUF_MAGIC
 
 FIELD_NAME = "upload"
 

@@ -13,6 +13,7 @@ from django.db import connection
 from inference.models import Generation
 from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
+from models_admin.services.kinds import delete as delete_kind
 
 from .conftest import TINY_REPO, FakeHub, retrying
 
@@ -72,8 +73,8 @@ def test_it_deletes_a_pulled_repo_and_its_link(
 def test_it_waits_for_a_streaming_reply_to_end(
     library: Path, tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch, fast_progress: None
 ) -> None:
-    monkeypatch.setattr(services, "DELETE_POLL_SECONDS", 0.05)
-    monkeypatch.setattr(services, "DELETE_WAIT_SECONDS", 15)
+    monkeypatch.setattr(delete_kind, "DELETE_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(delete_kind, "DELETE_WAIT_SECONDS", 15)
     reply = Generation.objects.create(model_id="tiny-hf", state=Generation.State.STREAMING)
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
     seen_while_streaming: list[bool] = []
@@ -106,7 +107,7 @@ def test_it_waits_for_a_streaming_reply_to_end(
 def test_it_keeps_the_model_when_cancelled_while_waiting(
     library: Path, tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch, fast_progress: None
 ) -> None:
-    monkeypatch.setattr(services, "DELETE_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(delete_kind, "DELETE_POLL_SECONDS", 0.05)
     Generation.objects.create(model_id="tiny-hf", state=Generation.State.QUEUED)
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
 

@@ -10,9 +10,9 @@ import pytest
 from django.utils import timezone
 
 from models_admin import services
-from models_admin.kinds import UnknownJobKind, get_job_kind, job_kind
 from models_admin.models import ModelJob
 from models_admin.progress import JobError, JobProgress
+from models_admin.services import UnknownJobKind, get_job_kind, job_kind
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

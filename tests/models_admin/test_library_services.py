@@ -192,6 +192,13 @@ def test_it_refuses_paths_outside_the_library(library: Path, tmp_path: Path) -> 
         services.library_find(ref="nothing-here")
 
 
+def test_it_refuses_a_home_folder_of_no_such_user(library: Path) -> None:
+    with pytest.raises(services.PathRefused, match="names a home folder that does not exist"):
+        services.library_find(ref="~nosuchuser/model")
+    with pytest.raises(services.PathRefused, match="names a home folder that does not exist"):
+        services.library_check_import_path(path="~nosuchuser/model.gguf")
+
+
 def test_it_previews_the_space_a_delete_frees(library: Path, tiny_hf_dir: Path) -> None:
     [entry] = services.library_scan()
     Generation.objects.create(model_id="tiny-hf", state=Generation.State.STREAMING)

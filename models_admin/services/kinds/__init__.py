@@ -1,0 +1,7 @@
+"""One module per job kind; importing this package registers them all (see `services.jobs`)."""
+
+from __future__ import annotations
+
+from models_admin.services.kinds import convert, delete, import_gguf, pull, quantize, validate
+
+__all__ = ["convert", "delete", "import_gguf", "pull", "quantize", "validate"]
