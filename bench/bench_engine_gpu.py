@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -46,7 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -271,7 +269,7 @@ def ensure_tokenizer(tokenizer_dir: Path) -> Path:
             f"no tokenizer in {tokenizer_dir} and no {DEFAULT_GGUF} to build one from: "
             "run `.venv/bin/python manage.py fetch_models` first"
         )
-    from inference.gguf import read_tokenizer
+    from inference.weights.gguf.tokenizer import read_tokenizer
 
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     read_tokenizer(DEFAULT_GGUF).save_pretrained(str(tokenizer_dir))
@@ -500,32 +498,15 @@ def run_raw(
 # --------------------------------------------------------------------------- our engine
 
 
-def _mlxweb_without_celery() -> bool:
-    """Make `mlxweb.config` importable where Celery and Django are not installed.
-
-    `inference.catalogue` imports `mlxweb.config`, and importing any `mlxweb.*` module runs
-    `mlxweb/__init__.py`, which imports `mlxweb.celery` (Celery, which pulls in `django.conf`).
-    The engine needs neither, so where Celery is missing (the GPU machine) the package is
-    registered bare, without running its `__init__`. Returns whether that was done.
-    """
-    if "mlxweb" in sys.modules or importlib.util.find_spec("celery") is not None:
-        return False
-    package = types.ModuleType("mlxweb")
-    package.__path__ = [str(ROOT / "mlxweb")]
-    sys.modules["mlxweb"] = package
-    return True
-
-
 def engine_imports() -> dict[str, Any]:
     """Import what the engine needs and say what else came along (Django, Celery)."""
-    bare = _mlxweb_without_celery()
     import inference.catalogue
     import inference.engine
     import inference.loader
     import inference.schemas  # noqa: F401
 
     pulled = sorted({m.split(".")[0] for m in sys.modules} & {"django", "celery", "channels"})
-    return {"mlxweb_registered_bare": bare, "pulled_in": pulled}
+    return {"pulled_in": pulled}
 
 
 class _Collector:
@@ -985,11 +966,6 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
     if imports:
         lines.append(
             f"- engine imports pulled in: {', '.join(imports['pulled_in']) or 'nothing else'}"
-            + (
-                " (mlxweb registered without its `__init__`, Celery is not installed here)"
-                if imports["mlxweb_registered_bare"]
-                else ""
-            )
         )
     lines.append(f"- elapsed: {facts.get('elapsed_s', '…')} s")
     lines.append("")

