@@ -1,5 +1,5 @@
-"""ASGI entry point: HTTP through Django, websockets through the chat consumers, and the
-inference worker's named channel (served in-process by `manage.py serve`, or by
+"""ASGI entry point: HTTP through the body limits into Django, websockets through the chat
+consumers, and the inference worker's named channel (served in-process by `manage.py serve`, or by
 `manage.py inference_worker` when scaled out over Redis)."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from django.conf import settings  # noqa: E402
 
 import chat.routing  # noqa: E402
 from inference.worker import InferenceWorker  # noqa: E402
+from mlxweb.bodylimit import BodyLimitMiddleware  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimitMiddleware(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(chat.routing.websocket_urlpatterns))
         ),
