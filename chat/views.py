@@ -153,7 +153,8 @@ def conversation_delete(request: HttpRequest, code: UUID) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
-    """Create an account. The first account becomes the admin; later ones need allow_signup."""
+    """Create an account. The first account becomes the admin; later ones need allow_signup
+    (off by default: the admin creates accounts)."""
     first = not User.objects.exists()
     if not first and not settings.MLXWEB_ALLOW_SIGNUP:
         return HttpResponseForbidden(render(request, "registration/signup_closed.html").content)
@@ -165,7 +166,9 @@ def signup(request: HttpRequest) -> HttpResponse:
             if not User.objects.select_for_update().exists():
                 user.is_staff = user.is_superuser = True
             user.save()
-        auth_login(request, user)
+        # The password was just set, so no backend authenticated this user: name the one that
+        # will load it on later requests (axes' backend only counts failures).
+        auth_login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("chat:index")
     return render(request, "registration/signup.html", {"form": form, "first": first})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.conf import settings as settings_module
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
@@ -187,7 +188,8 @@ def test_it_shows_stopped_and_trimmed_replies(owner_client: Client, conversation
     assert "3 earlier messages left out to fit the model's context" in body
 
 
-def test_it_makes_the_first_account_the_admin(client: Client, db) -> None:
+def test_it_makes_the_first_account_the_admin(client: Client, db, settings) -> None:
+    settings.MLXWEB_ALLOW_SIGNUP = True  # the second sign-up below needs it open
     assert client.get(reverse("login"))["Location"] == reverse("signup")
     response = client.post(
         reverse("signup"),
@@ -217,6 +219,19 @@ def test_it_closes_sign_up_when_configured(client: Client, owner, settings) -> N
     )
     assert response.status_code == 403
     assert not User.objects.filter(username="late").exists()
+
+
+def test_it_closes_sign_up_after_the_first_account_by_default(client: Client, db) -> None:
+    assert settings_module.MLXWEB_ALLOW_SIGNUP is False
+    form = {"password1": "a-long-pass-phrase", "password2": "a-long-pass-phrase"}
+    assert client.post(reverse("signup"), {"username": "first", **form}).status_code == 302
+    assert User.objects.get(username="first").is_superuser
+    late = Client()
+    response = late.post(reverse("signup"), {"username": "late", **form})
+    assert response.status_code == 403
+    assert "Sign-up is closed" in response.content.decode()
+    assert not User.objects.filter(username="late").exists()
+    assert "Create one" not in late.get(reverse("login")).content.decode()
 
 
 def test_it_shows_signup_errors(client: Client, db) -> None:
