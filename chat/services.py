@@ -22,7 +22,7 @@ class ChatError(Exception):
 def conversation_create(*, user: AbstractBaseUser, model_id: str | None = None) -> Conversation:
     model_id = model_id or inference.default_model_id()
     inference.model_get(model_id=model_id)  # raises UnknownModel for ids outside the catalogue
-    return Conversation.objects.create(user=user, model_id=model_id)
+    return Conversation.objects.create(user_id=user.pk, model_id=model_id)
 
 
 def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
@@ -46,7 +46,12 @@ def conversation_delete(*, conversation: Conversation) -> None:
 
 
 def _prompt_messages(conversation: Conversation) -> list[ChatMessage]:
-    """The conversation so far as the model sees it. Failed replies are left out."""
+    """The conversation so far as the model sees it, rebuilt from every turn. Failed replies are
+    left out.
+
+    Only for a conversation whose last reply has no recorded prompt to continue from: usually
+    the next prompt is the last reply's prompt and text plus the new turn (`message_send`).
+    """
     turns: list[ChatMessage] = []
     for message in conversation.messages.select_related("generation"):
         if message.role == Message.Role.USER:
@@ -81,15 +86,26 @@ def message_send(
     model_id = model_id or conversation.model_id
     generation_params = inference.generation_params(model_id=model_id, overrides=params)
 
+    last = conversation.messages.select_related("generation").order_by("-id").first()
     user_message = Message.objects.create(
         conversation=conversation, role=Message.Role.USER, content=text
     )
-    generation = inference.generation_create(
-        model_id=model_id,
-        messages=_prompt_messages(conversation),
-        params=generation_params,
-        notify_group=conversation.group_name,
-    )
+    turn = [ChatMessage(role="user", content=text)]
+    previous = last.generation if last is not None else None
+    if last is not None and (previous is None or previous.prompt_id is None):
+        # Nothing recorded to continue from (the reply's row is gone): send every turn.
+        previous, turn = None, _prompt_messages(conversation)
+    try:
+        generation = inference.generation_create(
+            model_id=model_id,
+            messages=turn,
+            previous=previous,
+            params=generation_params,
+            user=conversation.user,
+            notify_group=conversation.group_name,
+        )
+    except inference.GenerationLimitReached as e:
+        raise ChatError(str(e)) from e
     reply = Message.objects.create(
         conversation=conversation, role=Message.Role.ASSISTANT, generation=generation
     )

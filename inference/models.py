@@ -1,10 +1,89 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
-from django.db import models
+from django.conf import settings
+from django.db import connection, models
 from django.utils import timezone
+
+
+class PromptMessage(models.Model):
+    """One message of a prompt, as a node of the prompt tree.
+
+    A prompt is the path from a root to a node: a generation points at the last message of its
+    prompt, and the next turn of a conversation adds only its new messages under the previous
+    generation's reply. Storage grows with the conversation instead of its square, and a branch
+    (a regenerated or edited turn) is a sibling. Nodes are never edited once written.
+    """
+
+    class Role(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:40]}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+    @classmethod
+    def chain(cls, leaf_id: int) -> list[dict[str, str]]:
+        """The messages from the root down to `leaf_id`, as the chat template takes them.
+
+        One recursive query (SQLite and PostgreSQL both have WITH RECURSIVE), however long the
+        conversation.
+        """
+        table = connection.ops.quote_name(cls._meta.db_table)
+        sql = f"""
+            WITH RECURSIVE path(id, parent_id, role, content, depth) AS (
+                SELECT id, parent_id, role, content, 0 FROM {table} WHERE id = %s
+                UNION ALL
+                SELECT node.id, node.parent_id, node.role, node.content, path.depth + 1
+                FROM {table} AS node JOIN path ON node.id = path.parent_id
+            )
+            SELECT role, content FROM path ORDER BY depth DESC
+        """
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [leaf_id])
+            return [{"role": role, "content": content} for role, content in cursor.fetchall()]
+
+    @classmethod
+    def extend(cls, parent: PromptMessage | None, role: str, content: str) -> PromptMessage:
+        """The child of `parent` with this role and content: the existing one, or a new one.
+
+        Reusing a child keeps branches that share a prefix (a regenerated reply) in one path;
+        roots are always new, so conversations never share nodes.
+        """
+        if parent is not None:
+            existing = cls.objects.filter(parent=parent, role=role, content=content).first()
+            if existing is not None:
+                return existing
+        return cls.objects.create(parent=parent, role=role, content=content)
+
+
+class GenerationQuerySet(models.QuerySet["Generation"]):
+    """Generation rows, with the state changes that apply to many at once."""
+
+    def active(self) -> GenerationQuerySet:
+        """Queued or streaming."""
+        return self.filter(state__in=Generation.ACTIVE_STATES)
+
+    def finish(self, reason: str, **values: Any) -> int:
+        """End these rows with `reason` (see `Generation.finish`); returns how many changed."""
+        return self.update(**Generation.end_values(reason, **values))
+
+    def interrupt(self, **values: Any) -> int:
+        """Mark these rows interrupted (their worker went away); the text they have is kept."""
+        return self.finish(Generation.FinishReason.INTERRUPTED, **values)
 
 
 class Generation(models.Model):
@@ -31,11 +110,30 @@ class Generation(models.Model):
         ERROR = "error", "error"
 
     ACTIVE_STATES = (State.QUEUED, State.STREAMING)
+    # The state a row ends in, by finish reason; every other reason means it completed.
+    END_STATES: dict[str, str] = {
+        FinishReason.STOPPED: State.STOPPED,
+        FinishReason.INTERRUPTED: State.INTERRUPTED,
+        FinishReason.ERROR: State.ERROR,
+    }
+    MAX_ERROR_LENGTH = 10_000
 
     code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     model_id = models.CharField(max_length=100)
-    # The prompt as it was sent (list of {"role", "content"}) and the validated GenerationParams.
-    messages = models.JSONField(default=list)
+    # Whose reply this is: per-user limits and fair scheduling count by it. Null for requests
+    # that belong to nobody in particular.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="generations",
+    )
+    # The last message of the prompt as it was sent; the rest are its ancestors.
+    prompt = models.ForeignKey(
+        PromptMessage, null=True, on_delete=models.PROTECT, related_name="generations"
+    )
+    # The validated GenerationParams.
     params = models.JSONField(default=dict)
     # The Channels group that hears this generation's deltas and end.
     notify_group = models.CharField(max_length=100, blank=True)
@@ -56,8 +154,13 @@ class Generation(models.Model):
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    objects = GenerationQuerySet.as_manager()
+
     class Meta:
-        indexes = [models.Index(fields=["state"])]
+        indexes = [
+            models.Index(fields=["state"]),
+            models.Index(fields=["user", "state"], name="inference_gen_user_state"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.model_id} {self.code} ({self.state})"
@@ -65,6 +168,64 @@ class Generation(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The prompt as it was sent: [{"role", "content"}, ...], oldest first."""
+        return PromptMessage.chain(self.prompt_id) if self.prompt_id is not None else []
+
+    @classmethod
+    def end_values(
+        cls,
+        reason: str,
+        *,
+        finished_at: datetime | None = None,
+        error: str = "",
+        **values: Any,
+    ) -> dict[str, Any]:
+        """The fields an ending with `reason` writes: state, finish reason, time, error, and
+        whatever else is given (text, token counts); fields not given keep their value."""
+        return {
+            "state": cls.END_STATES.get(reason, cls.State.COMPLETE),
+            "finish_reason": reason,
+            "finished_at": finished_at or timezone.now(),
+            "error": error[: cls.MAX_ERROR_LENGTH],
+            **values,
+        }
+
+    def mark_streaming(
+        self,
+        *,
+        started_at: datetime,
+        prompt_tokens: int,
+        cached_tokens: int,
+        trimmed_messages: int,
+    ) -> None:
+        """The engine accepted the prompt: prefill and decoding are under way."""
+        self._write(
+            {
+                "state": self.State.STREAMING,
+                "started_at": started_at,
+                "prompt_tokens": prompt_tokens,
+                "cached_tokens": cached_tokens,
+                "trimmed_messages": trimmed_messages,
+            }
+        )
+
+    def finish(self, reason: str, **values: Any) -> None:
+        """End this generation: the state follows from `reason` (eos, stop_string and
+        max_tokens complete it; stopped, interrupted and error are their own states).
+
+        Keyword arguments are the other fields to write with it (`text`, `completion_tokens`,
+        `prompt_tokens`, `error`, `finished_at`); only the fields written are saved.
+        """
+        self._write(self.end_values(reason, **values))
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        # An UPDATE of these fields alone, like save(update_fields=...), except that a row
+        # deleted meanwhile is no error: the worker must not fail on it.
+        for name, value in fields.items():
+            setattr(self, name, value)
+        type(self).objects.filter(pk=self.pk).update(**fields)
 
     @property
     def ttft_ms(self) -> int | None:

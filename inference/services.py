@@ -1,6 +1,7 @@
 """What other apps may ask of the inference app: create a generation, stop it, read the catalogue.
 
-Only this module and the worker write `Generation` rows.
+Only this module and the worker write `Generation` and `PromptMessage` rows; state changes go
+through the model's methods (`Generation.finish`, `Generation.objects.active().interrupt()`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Max
-from django.utils import timezone
 
 from inference.catalogue import ModelSpec, get_catalogue
-from inference.models import Generation
+from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -63,24 +65,66 @@ def _send(channel: str, message: dict[str, Any]) -> None:
     async_to_sync(layer.send)(channel, message)
 
 
+class GenerationLimitReached(Exception):
+    """The user has as many replies waiting as the limits allow; the message says so."""
+
+
+def _check_user_limits(user: AbstractBaseUser) -> None:
+    limit = settings.MLXWEB_CONFIG.server.limits.max_queued_replies_per_user
+    # Lock the user's row so that two sends at once (two tabs) cannot both pass the count.
+    list(get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk"))
+    queued = Generation.objects.filter(user_id=user.pk, state=Generation.State.QUEUED).count()
+    if queued >= limit:
+        raise GenerationLimitReached(
+            f"You have {queued} {'reply' if queued == 1 else 'replies'} waiting to start "
+            f"(the limit is {limit}); wait for one of them before asking for another."
+        )
+
+
+def _prompt_for(previous: Generation | None, messages: Sequence[ChatMessage]) -> PromptMessage:
+    """The prompt tree's node for `previous`'s prompt and reply followed by `messages`."""
+    parent = None
+    if previous is not None:
+        if previous.prompt_id is None or previous.is_active:
+            raise ValueError("the previous generation has no finished prompt and reply")
+        parent = previous.prompt
+        # A reply that failed before writing anything is left out, as the chat always did.
+        if previous.text:
+            parent = PromptMessage.extend(parent, PromptMessage.Role.ASSISTANT, previous.text)
+    for message in messages:
+        parent = PromptMessage.extend(parent, message.role, message.content)
+    if parent is None:
+        raise ValueError("a generation needs at least one message")
+    return parent
+
+
 def generation_create(
     *,
     model_id: str,
     messages: Sequence[ChatMessage],
     params: GenerationParams,
+    previous: Generation | None = None,
+    user: AbstractBaseUser | None = None,
     notify_group: str = "",
 ) -> Generation:
     """Record a generation and hand it to the worker once the row is committed.
 
-    The row exists before the first token, so a page rendered at any moment finds it.
+    The prompt is `previous`'s prompt and reply (when given: the conversation so far) followed
+    by `messages`; only the new messages are stored. The row exists before the first token, so a
+    page rendered at any moment finds it. Raises GenerationLimitReached when `user` already has
+    as many replies queued as the limits allow.
     """
     get_catalogue().get(model_id)  # only allowed models reach the worker
-    generation = Generation.objects.create(
-        model_id=model_id,
-        messages=[m.model_dump() for m in messages],
-        params=params.model_dump(),
-        notify_group=notify_group,
-    )
+    with transaction.atomic():
+        if user is not None:
+            _check_user_limits(user)
+        generation = Generation.objects.create(
+            model_id=model_id,
+            user_id=user.pk if user is not None else None,
+            prompt=_prompt_for(previous, messages),
+            params=params.model_dump(),
+            notify_group=notify_group,
+        )
     code = str(generation.code)
     transaction.on_commit(
         lambda: _send(settings.INFERENCE_CHANNEL, {"type": "generation.start", "code": code})
@@ -113,9 +157,7 @@ def generation_count_active(*, model_ids: Sequence[str]) -> int:
     """Replies queued or streaming from these models right now."""
     if not model_ids:
         return 0
-    return Generation.objects.filter(
-        model_id__in=list(model_ids), state__in=Generation.ACTIVE_STATES
-    ).count()
+    return Generation.objects.active().filter(model_id__in=list(model_ids)).count()
 
 
 def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
@@ -124,15 +166,7 @@ def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
     Called once when a worker starts: only one inference worker serves a deployment, so any
     active generation that is not its own belongs to a dead one.
     """
-    count = (
-        Generation.objects.filter(state__in=Generation.ACTIVE_STATES)
-        .exclude(worker_id=worker_id)
-        .update(
-            state=Generation.State.INTERRUPTED,
-            finish_reason=Generation.FinishReason.INTERRUPTED,
-            finished_at=timezone.now(),
-        )
-    )
+    count = Generation.objects.active().exclude(worker_id=worker_id).interrupt()
     if count:
         logger.info("marked %d generation(s) of a dead worker interrupted", count)
     return count

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -89,6 +90,8 @@ class _Stream:
 
     code: str
     group: str
+    generation: Generation
+    user: str  # whose turn it is when streams are handed out; "" for nobody in particular
     text: str = ""
     tokens: int = 0
     flushed_at: float = 0.0
@@ -102,8 +105,12 @@ class _Stream:
 
 
 @database_sync_to_async
-def _load_queued(code: str) -> Generation | None:
-    return Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
+def _load_queued(code: str) -> tuple[Generation, list[dict[str, str]]] | None:
+    """The queued row and its prompt (one query for the row, one for the whole prompt)."""
+    generation = Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
+    if generation is None:
+        return None
+    return generation, generation.prompt_messages()
 
 
 @database_sync_to_async
@@ -112,16 +119,19 @@ def _update(code: str, **fields: Any) -> None:
 
 
 @database_sync_to_async
-def _finish_unstarted(code: str, state: str, reason: str, error: str = "") -> bool:
-    return bool(
-        Generation.objects.filter(code=code, state=Generation.State.QUEUED).update(
-            state=state, finish_reason=reason, error=error, finished_at=_now()
-        )
-    )
+def _stop_unstarted(code: str) -> bool:
+    queued = Generation.objects.filter(code=code, state=Generation.State.QUEUED)
+    return bool(queued.finish(Generation.FinishReason.STOPPED))
 
 
 class WorkerRuntime:
-    """Per-event-loop state of the worker: the streams it serves and the event pump."""
+    """Per-event-loop state of the worker: the streams it serves and the event pump.
+
+    At most `max_concurrent_streams` generations are in the engine at once, and at most
+    `max_streaming_replies_per_user` of one user's. The rest wait in a queue per user; a free
+    stream goes to the waiting user served longest ago, so one user's many replies take turns
+    with everyone else's instead of holding them up.
+    """
 
     _by_loop: dict[int, WorkerRuntime] = {}
 
@@ -129,10 +139,19 @@ class WorkerRuntime:
         self.loop = loop
         self.events: asyncio.Queue[tuple[Any, float]] = asyncio.Queue()
         self.streams: dict[str, _Stream] = {}
-        self.waiting: list[tuple[_Stream, Any]] = []  # over max_concurrent_streams
+        self.waiting: dict[str, deque[tuple[_Stream, Any]]] = {}  # by user
+        self.served: dict[str, int] = {}  # user -> when they last got a stream (a counter)
+        self.serves = 0
         self.channel_layer = get_channel_layer()
         self.pump_task = loop.create_task(self._pump())
-        self.max_streams = settings.MLXWEB_CONFIG.server.limits.max_concurrent_streams
+
+    @property
+    def max_streams(self) -> int:
+        return int(settings.MLXWEB_CONFIG.server.limits.max_concurrent_streams)
+
+    @property
+    def max_streams_per_user(self) -> int:
+        return int(settings.MLXWEB_CONFIG.server.limits.max_streaming_replies_per_user)
 
     @classmethod
     def current(cls) -> WorkerRuntime:
@@ -148,29 +167,55 @@ class WorkerRuntime:
     async def start(self, code: str) -> None:
         if code in self.streams:
             return
-        generation = await _load_queued(code)
-        if generation is None:
+        loaded = await _load_queued(code)
+        if loaded is None:
             logger.info("generation %s is not queued any more; skipped", code)
             return
+        generation, messages = loaded
         from inference.engine import GenerationRequest
 
         request = GenerationRequest(
             id=code,
             model_id=generation.model_id,
-            messages=list(generation.messages),
+            messages=messages,
             params=GenerationParams.model_validate(generation.params),
         )
-        stream = _Stream(code=code, group=generation.notify_group)
+        user = str(generation.user_id or "")
+        stream = _Stream(code=code, group=generation.notify_group, generation=generation, user=user)
         self.streams[code] = stream
         await _update(code, worker_id=WORKER_ID)
-        if self._active_count() >= self.max_streams:
-            self.waiting.append((stream, request))
+        self.waiting.setdefault(user, deque()).append((stream, request))
+        await self._submit_waiting()
+        if not stream.submitted:
             logger.info("generation %s waits for a free stream", code)
-            return
-        await self._submit(stream, request)
 
-    def _active_count(self) -> int:
-        return sum(1 for s in self.streams.values() if s.submitted and not s.finished)
+    def _active_count(self, user: str | None = None) -> int:
+        return sum(
+            1
+            for s in self.streams.values()
+            if s.submitted and not s.finished and (user is None or s.user == user)
+        )
+
+    def _next_waiting(self) -> tuple[_Stream, Any] | None:
+        """The head of the queue of the waiting user served longest ago who may stream now."""
+        if self._active_count() >= self.max_streams:
+            return None
+        per_user = self.max_streams_per_user
+        ready = [u for u in self.waiting if self._active_count(u) < per_user]
+        if not ready:
+            return None
+        user = min(ready, key=lambda u: self.served.get(u, -1))
+        queue = self.waiting[user]
+        item = queue.popleft()
+        if not queue:
+            del self.waiting[user]
+        self.serves += 1
+        self.served[user] = self.serves
+        return item
+
+    async def _submit_waiting(self) -> None:
+        while (item := self._next_waiting()) is not None:
+            await self._submit(*item)
 
     async def _submit(self, stream: _Stream, request: Any) -> None:
         loop = self.loop
@@ -206,10 +251,15 @@ class WorkerRuntime:
             get_engine().cancel(code)
             return
         if stream is not None:  # waiting for a free slot: never reached the engine
-            self.waiting = [(s, r) for s, r in self.waiting if s.code != code]
+            queue = self.waiting.get(stream.user, deque())
+            for item in queue:
+                if item[0] is stream:
+                    queue.remove(item)
+                    break
+            if not queue:
+                self.waiting.pop(stream.user, None)
             self.streams.pop(code, None)
-        stopped = Generation.State.STOPPED
-        if await _finish_unstarted(code, stopped, Generation.FinishReason.STOPPED):
+        if await _stop_unstarted(code):
             await self._notify_done(stream.group if stream else await self._group_of(code), code)
 
     async def sync(self, code: str, reply_channel: str) -> None:
@@ -245,9 +295,7 @@ class WorkerRuntime:
                     if stream is None:
                         continue
                     if isinstance(event, Started):
-                        await _update(
-                            stream.code,
-                            state=Generation.State.STREAMING,
+                        await database_sync_to_async(stream.generation.mark_streaming)(
                             started_at=_now(ts),
                             prompt_tokens=event.prompt_tokens,
                             cached_tokens=event.cached_tokens,
@@ -293,31 +341,22 @@ class WorkerRuntime:
     async def _finish(self, stream: _Stream, event: Any, ts: float) -> None:
         stream.finished = True
         reason = event.finish_reason
-        if reason == "error":
-            state = Generation.State.ERROR
-        elif reason == "stopped":
-            state = Generation.State.STOPPED
-        else:
-            state = Generation.State.COMPLETE
-        stream.pending_writes.update(
-            state=state,
-            finish_reason=reason,
-            error=event.error[:10_000],
-            finished_at=_now(ts),
-            completion_tokens=event.completion_tokens,
-        )
-        if event.prompt_tokens:
-            stream.pending_writes["prompt_tokens"] = event.prompt_tokens
         stream.tokens = event.completion_tokens
-        fields = {"text": stream.text, **stream.pending_writes}
+        fields = {
+            **stream.pending_writes,
+            "text": stream.text,
+            "error": event.error,
+            "finished_at": _now(ts),
+            "completion_tokens": event.completion_tokens,
+        }
+        if event.prompt_tokens:
+            fields["prompt_tokens"] = event.prompt_tokens
         stream.pending_writes.clear()
-        await _update(stream.code, **fields)
+        await database_sync_to_async(stream.generation.finish)(reason, **fields)
         self.streams.pop(stream.code, None)
         logger.info("generation %s ended: %s (%d tokens)", stream.code, reason, stream.tokens)
         await self._notify_done(stream.group, stream.code)
-        while self.waiting and self._active_count() < self.max_streams:
-            waiting_stream, request = self.waiting.pop(0)
-            await self._submit(waiting_stream, request)
+        await self._submit_waiting()
 
     async def _notify_done(self, group: str, code: str) -> None:
         if group:
@@ -328,14 +367,11 @@ class WorkerRuntime:
         for stream in list(self.streams.values()):
             if stream.finished:
                 continue
-            Generation.objects.filter(code=stream.code, state__in=Generation.ACTIVE_STATES).update(
-                text=stream.text,
-                completion_tokens=stream.tokens,
-                state=Generation.State.INTERRUPTED,
-                finish_reason=Generation.FinishReason.INTERRUPTED,
-                finished_at=_now(),
+            Generation.objects.filter(code=stream.code).active().interrupt(
+                text=stream.text, completion_tokens=stream.tokens
             )
         self.streams.clear()
+        self.waiting.clear()
 
 
 class InferenceWorker(AsyncConsumer):
