@@ -7,7 +7,6 @@ template partials. It never runs a generation loop.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -18,7 +17,14 @@ from pydantic import ValidationError
 
 from chat import frames, services
 from chat.models import Conversation, Message
-from chat.schemas import SendMessage, StopReply, describe_error, parse_message
+from chat.schemas import (
+    FrameError,
+    SendMessage,
+    StopReply,
+    describe_error,
+    parse_message,
+    read_frame,
+)
 from inference import services as inference
 from inference.catalogue import UnknownModel
 
@@ -69,19 +75,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         limit = settings.MLXWEB_CONFIG.server.limits.ws_max_message_bytes
-        if bytes_data is not None:
-            await self._error("Send text frames with JSON, not binary.")
-            return
-        if text_data is None or len(text_data.encode()) > limit:
-            await self._error(f"Message too large: the limit is {limit} bytes.")
-            return
         try:
-            content = json.loads(text_data)
-        except ValueError:
-            await self._error("Message is not valid JSON.")
-            return
-        if not isinstance(content, dict):
-            await self._error("Message must be a JSON object.")
+            content = read_frame(text_data, bytes_data, max_bytes=limit)
+        except FrameError as e:
+            await self._error(str(e))
             return
         await self.receive_json(content)
 

@@ -5,11 +5,43 @@ One schema for both paths, so a bad value gets the same clear error either way.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 from inference.schemas import StopString
+
+# Deeper than any message here needs (the deepest is an object in an object), far below
+# Python's recursion limit, which json.loads would otherwise hit on `[[[[...`.
+MAX_JSON_DEPTH = 16
+
+# A JSON string (skipped whole: brackets inside it are text) or a bracket.
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_OPENERS = frozenset("[{")
+
+
+class FrameError(ValueError):
+    """A socket frame that is not a message; the text says what is wrong with it."""
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, which arrives only as a JSON escape, never from a
+    # composer. (Lone surrogates pydantic refuses by itself.)
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable)]
 
 
 def _blank_to_none(value: Any) -> Any:
@@ -28,7 +60,7 @@ class SendMessage(_Incoming):
     """The composer: a new user turn, optionally with a model and sampling options."""
 
     type: Literal["send"]
-    text: Annotated[str, StringConstraints(max_length=100_000)]
+    text: Annotated[StorableText, StringConstraints(max_length=100_000)]
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -37,7 +69,9 @@ class SendMessage(_Incoming):
     repetition_penalty: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
-    stop: str | list[StopString] | None = Field(None, description="one per line")
+    stop: StorableText | list[Annotated[StopString, AfterValidator(_storable)]] | None = Field(
+        None, description="one per line"
+    )
 
     def sampling(self) -> dict[str, Any]:
         fields = (
@@ -74,6 +108,49 @@ def parse_message(content: dict[str, Any]) -> SendMessage | StopReply:
     if kind == "stop":
         return StopReply.model_validate(cleaned)
     raise ValueError("unknown message type; expected 'send' or 'stop'")
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `text` nests arrays and objects more than `limit` deep (as JSON would parse it).
+
+    A scan without recursion that stops at the first bracket too deep; strings are skipped
+    whole by the regular expression, so brackets in message text do not count.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def read_frame(
+    text_data: str | None, bytes_data: bytes | None, *, max_bytes: int
+) -> dict[str, Any]:
+    """The JSON object of one socket frame, within bounds of size and depth.
+
+    Raises FrameError saying what is wrong: binary, too large, too deep, not JSON, not an object.
+    """
+    if bytes_data is not None:
+        raise FrameError("Send text frames with JSON, not binary.")
+    if text_data is None or len(text_data.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise FrameError(f"Message too large: the limit is {max_bytes} bytes.")
+    if json_depth_exceeds(text_data):
+        raise FrameError(f"Message nested too deeply: the limit is {MAX_JSON_DEPTH} levels.")
+    try:
+        content = json.loads(text_data)
+    except (ValueError, RecursionError):
+        # ValueError: not JSON, or an integer of more digits than Python converts.
+        raise FrameError("Message is not valid JSON.") from None
+    if not isinstance(content, dict):
+        raise FrameError("Message must be a JSON object.")
+    return content
 
 
 def describe_error(error: ValidationError) -> str:

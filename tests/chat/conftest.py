@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from hypothesis import settings as hypothesis_settings
 
 from inference import runner
 from inference import worker as inference_worker
@@ -101,3 +102,7 @@ def communicator_for(
     if cookie:
         headers.append((b"cookie", cookie))
     return WebsocketCommunicator(application, f"/ws/conversations/{code}/", headers=headers)
+
+
+# The long fuzzing run of the socket message schema: --hypothesis-profile=fuzz.
+hypothesis_settings.register_profile("fuzz", max_examples=20_000, deadline=None)

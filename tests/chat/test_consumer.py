@@ -9,9 +9,23 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from chat.models import Conversation, Message
+from chat.schemas import (
+    MAX_JSON_DEPTH,
+    FrameError,
+    SendMessage,
+    describe_error,
+    json_depth_exceeds,
+    parse_message,
+    read_frame,
+)
 from inference.models import Generation
+from inference.schemas import GenerationParams
 from tests.chat.conftest import communicator_for, session_cookie_for
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -55,6 +69,7 @@ async def test_it_streams_tokens_and_ends_with_the_saved_reply(
     assert 'hx-swap-oob="beforeend:#reply-' in frames  # token deltas
     assert "<p>Hello there, friend.</p>" in frames  # the final markdown render
     reply = await Message.objects.select_related("generation").aget(role="assistant")
+    assert reply.generation is not None
     assert reply.generation.text == "Hello there, friend."
     assert reply.generation.state == Generation.State.COMPLETE
     assert reply.generation.finish_reason == "eos"
@@ -203,3 +218,157 @@ async def test_it_refuses_a_second_turn_while_a_reply_streams(
     await _frames_until(communicator, 'class="body md"')
     assert await Message.objects.filter(role="user").acount() == 1
     await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ("[" * 30_000 + "]" * 30_000, "nested too deeply"),
+        ('{"a":' * 9_000 + "1" + "}" * 9_000, "nested too deeply"),
+        (_send("hi", HEADERS={"x": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}), "nested too deeply"),
+        ('{"type": "send", "text": "' + "[" * 30_000 + '"}', ""),  # brackets in text are text
+        ('{"type": "send", "text": "hi", "seed": ' + "9" * 5000 + "}", "not valid JSON"),
+        ('{"type": "send", "text": "\\ud800"}', "unicode string"),
+        ('{"type": "send", "text": "a\\u0000b"}', "NUL"),
+        ('{"type": "send", "text": "hi", "stop": ["\\u0000"]}', "NUL"),
+    ],
+)
+async def test_it_answers_hostile_json_with_an_error_and_stays_open(
+    owner, conversation, fake_engine, running_worker, payload, error
+) -> None:
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=payload)
+    if error:
+        frame = await communicator.receive_from(timeout=5)
+        assert 'id="socket-error"' in frame
+        assert error in frame
+    else:
+        await _frames_until(communicator, 'class="body md"')
+
+    await communicator.send_to(text_data=_send("still here?"))
+    await _frames_until(communicator, "still here?")
+    await _frames_until(communicator, 'class="body md"')
+    await communicator.disconnect()
+
+
+async def test_it_sends_the_model_the_whole_conversation_each_turn(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    for text in ("First", "Second", "Third"):
+        await communicator.send_to(text_data=_send(text))
+        await _frames_until(communicator, 'class="body md"')
+
+    reply = "Hello there, friend."
+    assert fake_engine.requests[2].messages == [
+        {"role": "user", "content": "First"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Second"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Third"},
+    ]
+    await communicator.disconnect()
+
+
+async def test_it_refuses_a_reply_over_the_users_queued_limit(owner, settings) -> None:
+    config = settings.MLXWEB_CONFIG
+    limits = config.server.limits.model_copy(update={"max_queued_replies_per_user": 2})
+    settings.MLXWEB_CONFIG = config.model_copy(
+        update={"server": config.server.model_copy(update={"limits": limits})}
+    )
+    # No worker runs: every reply stays queued.
+    sockets = []
+    for _ in range(3):
+        conversation = await Conversation.objects.acreate(
+            user=owner, model_id="smollm2-135m-instruct"
+        )
+        sockets.append(await _connect(owner, conversation))
+    for communicator in sockets[:2]:
+        await communicator.send_to(text_data=_send("Queue me"))
+        await _frames_until(communicator, "Queue me")
+
+    await sockets[2].send_to(text_data=_send("One too many"))
+    frames = await _frames_until(sockets[2], "socket-error")
+    assert "You have 2 replies waiting to start (the limit is 2)" in frames
+    assert await Generation.objects.acount() == 2
+    assert not await Message.objects.filter(content="One too many").aexists()
+    for communicator in sockets:
+        await communicator.disconnect()
+
+
+# --------------------------------------------------------------------------- fuzzing the schema
+# A short run here; the long one: pytest tests/chat/test_consumer.py -k frame
+# --hypothesis-profile=fuzz (tests/chat/conftest.py).
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+_json = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=40,
+)
+_fields = {
+    "text": st.text() | _json,
+    "model": st.text(max_size=20) | _json,
+    "temperature": st.floats() | st.integers() | st.text(max_size=5) | _json,
+    "top_p": st.floats() | _json,
+    "top_k": st.integers() | _json,
+    "min_p": st.floats() | _json,
+    "repetition_penalty": st.floats() | _json,
+    "max_tokens": st.integers() | st.text(max_size=8) | _json,
+    "seed": st.integers() | _json,
+    "stop": st.text() | st.lists(st.text(max_size=70), max_size=10) | _json,
+    "reply": st.uuids().map(str) | st.text(max_size=40) | _json,
+    "HEADERS": _json,
+    "csrfmiddlewaretoken": st.text(max_size=10) | _json,
+}
+_messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["send", "stop", "other", ""]) | _json},
+    optional={**_fields, "surprise": _json},
+)
+_frames = st.one_of(
+    st.text(),
+    _json.map(json.dumps),
+    _messages.map(json.dumps),
+    _messages.map(lambda m: json.dumps(m, ensure_ascii=False)),
+    st.tuples(st.sampled_from("[{"), st.integers(0, 40_000)).map(
+        lambda t: t[0] * t[1] + ("]" if t[0] == "[" else "}") * t[1]
+    ),
+    st.integers(0, 40_000).map(lambda n: '{"type": "send", "text": "hi", "HEADERS": ' + "[" * n),
+)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+@hypothesis_settings(deadline=None)
+@given(_frames)
+def test_every_frame_is_a_message_or_a_clear_error(frame: str) -> None:
+    try:
+        message = parse_message(read_frame(frame, None, max_bytes=65_536))
+    except FrameError as e:
+        assert str(e).endswith(".")
+        return
+    except ValidationError as e:
+        assert describe_error(e)
+        return
+    except ValueError as e:
+        assert "message type" in str(e)
+        return
+    if isinstance(message, SendMessage):
+        try:
+            GenerationParams.model_validate(message.sampling())
+        except ValidationError as e:
+            assert describe_error(e)
+
+
+@hypothesis_settings(deadline=None)
+@given(_json)
+def test_the_depth_scan_agrees_with_the_parser(value: object) -> None:
+    text = json.dumps(value)
+    assert json_depth_exceeds(text) == (_depth(value) > MAX_JSON_DEPTH)
+    assert json_depth_exceeds(json.dumps([[value]]), MAX_JSON_DEPTH + 2) == json_depth_exceeds(text)
