@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import time
@@ -13,6 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
+from chat import services
 from chat.models import Conversation
 from inference import worker as inference_worker
 from inference.models import Generation
@@ -164,6 +166,57 @@ async def test_it_reports_an_engine_error_on_the_reply_and_keeps_serving(
     await _until_done(communicator)
     assert await Generation.objects.filter(state="complete").acount() == 1
     await communicator.disconnect()
+
+
+async def _send_replies(user: Any, model_id: str, count: int) -> list[int]:
+    """Start `count` replies of `user`, each in a new conversation; their Generation ids."""
+    ids = []
+    for n in range(count):
+        conversation = await Conversation.objects.acreate(user=user, model_id=model_id)
+        _, reply = await sync_to_async(services.message_send)(
+            conversation=conversation,
+            text=f"Tell story number {n}",
+            params={"max_tokens": 12, "temperature": 0},
+        )
+        assert reply.generation_id is not None
+        ids.append(reply.generation_id)
+    return ids
+
+
+async def _all_finished(timeout: float = 120) -> dict[int, Generation]:
+    async with asyncio.timeout(timeout):
+        while await Generation.objects.active().aexists():
+            await asyncio.sleep(0.05)
+    return {g.pk: g async for g in Generation.objects.all()}
+
+
+async def test_it_takes_turns_between_users_when_one_queues_many_replies(
+    owner, stranger, tiny_in_library, real_engine, running_worker, settings
+) -> None:
+    _limits(settings, max_concurrent_streams=1, max_queued_replies_per_user=20)
+    flood = await _send_replies(owner, tiny_in_library, 6)
+    [theirs] = await _send_replies(stranger, tiny_in_library, 1)
+
+    rows = await _all_finished()
+    assert all(g.state == Generation.State.COMPLETE for g in rows.values())
+    started = {pk: g.started_at for pk, g in rows.items() if g.started_at is not None}
+    assert len(started) == len(rows)
+    after_theirs = [pk for pk in flood if started[pk] > started[theirs]]
+    # First come, first served would start it last; taking turns, it starts next.
+    assert len(after_theirs) >= len(flood) - 2, started
+
+
+async def test_it_streams_at_most_the_per_user_limit_at_once(
+    owner, tiny_in_library, real_engine, running_worker, settings
+) -> None:
+    _limits(settings, max_concurrent_streams=8, max_streaming_replies_per_user=1)
+    ids = await _send_replies(owner, tiny_in_library, 3)
+
+    rows = await _all_finished()
+    for earlier, later in itertools.pairwise(ids):
+        started, finished = rows[later].started_at, rows[earlier].finished_at
+        assert started is not None and finished is not None
+        assert started >= finished  # one after the other
 
 
 @pytest.mark.slow
