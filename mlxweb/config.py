@@ -309,7 +309,8 @@ def _describe(
 
 
 def _env_value(var: str, raw: str) -> Any:
-    if var in _VERBATIM_ENV:
+    # A number or a boolean is short; anything longer is not worth handing to the YAML parser.
+    if var in _VERBATIM_ENV or len(raw) > 64:
         return raw
     try:
         value = yaml.safe_load(raw)
