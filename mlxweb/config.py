@@ -158,7 +158,7 @@ class ServerConfig(_Strict):
     production: bool = False
     hsts_seconds: int = Field(365 * 24 * 3600, ge=0, le=2 * 365 * 24 * 3600)
     # None: generated once into var_dir/secret_key by the launcher (manage.py).
-    secret_key: SecretStr | None = Field(None, min_length=32)
+    secret_key: SecretStr | None = None
     # Empty: the loopback names and `host`.
     allowed_hosts: tuple[str, ...] = Field((), max_length=100)
     csrf_trusted_origins: tuple[str, ...] = Field((), max_length=100)
