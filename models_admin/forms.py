@@ -13,17 +13,18 @@ from django import forms
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
-from models_admin import conversion, services
+from inference.services import CONVERT_DTYPES, QUANT_BITS, QUANT_GROUP_SIZES, QUANT_RECIPES
+from models_admin import services
 from models_admin.models import LibraryModel
 
 # Hub ids: "namespace/name", letters, digits, '-', '_', '.'; no "--" or ".." (as the hub says).
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
 
-BITS_CHOICES = [(b, f"{b}-bit") for b in conversion.BITS]
-GROUP_CHOICES = [(g, str(g)) for g in conversion.GROUP_SIZES]
-RECIPE_CHOICES = [("", "the same bits for every layer")] + [(r, r) for r in conversion.RECIPES]
-DTYPE_CHOICES = [("", "as the source")] + [(d, d) for d in conversion.DTYPES]
+BITS_CHOICES = [(b, f"{b}-bit") for b in QUANT_BITS]
+GROUP_CHOICES = [(g, str(g)) for g in QUANT_GROUP_SIZES]
+RECIPE_CHOICES = [("", "the same bits for every layer")] + [(r, r) for r in QUANT_RECIPES]
+DTYPE_CHOICES = [("", "as the source")] + [(d, d) for d in CONVERT_DTYPES]
 
 
 def _check_new_name(name: str) -> str:
@@ -207,9 +208,7 @@ class QuantizeForm(_SourceForm):
 
 
 KEEP_BITS = "keep"
-IMPORT_BITS_CHOICES = [(KEEP_BITS, "as in the file")] + [
-    (str(b), f"{b}-bit") for b in conversion.BITS
-]
+IMPORT_BITS_CHOICES = [(KEEP_BITS, "as in the file")] + [(str(b), f"{b}-bit") for b in QUANT_BITS]
 
 
 class ImportGGUFForm(forms.Form):

@@ -26,7 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from models_admin.progress import JobCancelled, JobError, JobProgress
+from inference.services import Progress
+from models_admin.progress import JobCancelled, JobError
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class _NullWriter:
         pass
 
 
-def progress_bar_class(progress: JobProgress) -> type[tqdm]:
+def progress_bar_class(progress: Progress) -> type[tqdm]:
     """A tqdm class for snapshot_download that reports into `progress` and stops on cancel.
 
     snapshot_download makes three bars from it: bytes written ("Reconstructing ..."), bytes
@@ -190,7 +191,8 @@ def progress_bar_class(progress: JobProgress) -> type[tqdm]:
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            progress.check_cancelled()
+            if progress.cancelled:
+                raise JobCancelled()
             if self._role == "bytes" and n:
                 progress.advance(int(n))
             elif self._role == "files" and n:
@@ -205,7 +207,7 @@ def download(
     plan: RepoPlan,
     cache_dir: Path,
     endpoint: str | None,
-    progress: JobProgress,
+    progress: Progress,
     token: str | None = None,
 ) -> Path:
     """Fetch the plan's files into the cache; the snapshot folder of the commit."""
@@ -248,7 +250,7 @@ def _fetch_resumably(
     cache_dir: Path,
     endpoint: str | None,
     token: str | None,
-    progress: JobProgress,
+    progress: Progress,
 ) -> None:
     """Put one file's blob into the cache through a partial file that a retry resumes.
 
@@ -301,7 +303,7 @@ def _fetch_resumably(
 
 
 class _LogTail(logging.Handler):
-    def __init__(self, progress: JobProgress) -> None:
+    def __init__(self, progress: Progress) -> None:
         super().__init__(level=logging.WARNING)
         self.progress = progress
 
@@ -310,7 +312,7 @@ class _LogTail(logging.Handler):
 
 
 @contextmanager
-def _warnings_into(progress: JobProgress) -> Iterator[None]:
+def _warnings_into(progress: Progress) -> Iterator[None]:
     """huggingface_hub's warnings ("Trying to resume download...") go into the job's log too."""
     handler = _LogTail(progress)
     hub_logger = logging.getLogger("huggingface_hub")

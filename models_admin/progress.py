@@ -1,9 +1,11 @@
 """How a running job reports progress and learns that it was cancelled.
 
-A job's service function only talks to a `JobProgress` (thread-safe, in memory). A `JobMonitor`
-thread copies it onto the job row about once a second, with a heartbeat, and reads the row's
-cancel flag back. So the code doing the work never touches the database (pull's download threads
-report too), and a job whose process died is recognisable by its stale heartbeat.
+A job's service function only talks to a `JobProgress` (thread-safe, in memory), which is an
+`inference.weights.progress.Progress`: the weights code a job calls reports into it directly.
+A `JobMonitor` thread copies it onto the job row about once a second, with a heartbeat, and
+reads the row's cancel flag back. So the code doing the work never touches the database (pull's
+download threads report too), and a job whose process died is recognisable by its stale
+heartbeat.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ class JobError(Exception):
 
 
 class JobProgress:
-    """The progress of one job: current step, done/total in bytes or steps, and a log tail."""
+    """The progress of one job: current step, done/total in bytes or steps, and a log tail.
+
+    Implements `inference.weights.progress.Progress` (step, advance, log, cancelled).
+    """
 
     def __init__(self, *, job_code: str = "") -> None:
         self.job_code = job_code
@@ -50,7 +55,7 @@ class JobProgress:
         # (monotonic time, done) samples for the speed over the last few seconds.
         self._samples: deque[tuple[float, int]] = deque()
 
-    def start_step(
+    def step(
         self, text: str, *, total: int | None = None, unit: str = "steps", done: int = 0
     ) -> None:
         """Begin a step: its description, and what done/total count from now on."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
@@ -11,8 +12,12 @@ from django.contrib.auth.models import User
 from django.test import Client
 
 from inference.catalogue import reset_catalogue
-from inference.fetch import FetchError, fetch_model
+from inference.services import model_fetch
 from inference.testing import build_tiny_model
+from inference.weights.convert import ImportResult, import_gguf
+from inference.weights.evaluation import ModelRun, gguf_reference, measure_model
+from inference.weights.fetch import FetchError
+from tests.support.gemma3 import GEMMA3_PROMPTS, GEMMA3_TEXT, GEMMA3_TOKENS
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 
@@ -25,7 +30,7 @@ def smollm2_gguf() -> Path:
     """
     model = django_settings.MLXWEB_CONFIG.models[DEFAULT_MODEL_ID]
     try:
-        path = fetch_model(model, django_settings.MLXWEB_MODELS_DIR)
+        path = model_fetch(model=model, models_dir=django_settings.MLXWEB_MODELS_DIR)
     except FetchError as e:
         pytest.fail(f"the default model could not be fetched: {e}")
     assert path is not None
@@ -114,3 +119,33 @@ def gemma3_gguf() -> Path:
         return fetch_gemma3_270m(dest)
     except FetchError as e:
         pytest.fail(f"the Gemma 3 270M GGUF could not be fetched: {e}")
+
+
+# Gemma 3 270M imported once per session: the import and its dequantized reference take about
+# a minute each on a 2-core CPU, so every test that needs them shares these.
+
+
+@pytest.fixture(scope="session")
+def gemma3_4bit(gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> ImportResult:
+    """The Q4_K_M GGUF imported at 4 bits (group size 64): the default import."""
+    return import_gguf(gemma3_gguf, tmp_path_factory.mktemp("gemma3") / "gemma-3-270m", bits=4)
+
+
+@pytest.fixture(scope="session")
+def gemma3_reference(gemma3_gguf: Path) -> tuple[Any, Any]:
+    """The dequantized GGUF reference: every tensor of the file as float32."""
+    return gguf_reference(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3_reference_run(gemma3_reference: tuple[Any, Any], gemma3_gguf: Path) -> ModelRun:
+    """The reference's greedy answers and perplexity, measured once for every candidate."""
+    return measure_model(
+        *gemma3_reference,
+        label="dequantized GGUF",
+        prompts=GEMMA3_PROMPTS,
+        n_tokens=GEMMA3_TOKENS,
+        text=GEMMA3_TEXT,
+        chat=False,
+        path=gemma3_gguf,
+    )

@@ -7,7 +7,6 @@ is how Validate finds the reference to compare it with.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -20,14 +19,13 @@ from django.db.models import Q
 from django.utils import timezone
 
 from inference import services as inference_services
-from inference.catalogue import model_id_for_dir
 from models_admin import library
 from models_admin.models import LibraryModel, ModelJob
-from models_admin.progress import JobError, JobProgress
+from models_admin.progress import JobError
 from models_admin.services.paths import LibraryError, in_hf_cache, library_check_path
 
-# Written into every model a job makes: where it came from (see `source_record`).
-SOURCE_RECORD = "mlxweb_source.json"
+# Written into every model a job makes: where it came from (inference.weights.convert).
+SOURCE_RECORD = inference_services.PROVENANCE_FILE
 
 
 def catalogue_ids() -> tuple[dict[str, str], dict[str, str]]:
@@ -152,7 +150,7 @@ def model_ids_for(path: Path, repo_id: str = "") -> list[str]:
     if repo_id and repo_id in by_repo:
         ids.add(by_repo[repo_id])
     ids.update(
-        model_id_for_dir(link.name)
+        inference_services.model_id_for_folder(name=link.name)
         for link in library.links_into(Path(settings.MLXWEB_MODELS_DIR), path)
     )
     return sorted(ids)
@@ -186,38 +184,9 @@ def library_delete_preview(*, entry: LibraryModel) -> DeletePreview:
     )
 
 
-def source_record(kind: str, source: Path, progress: JobProgress, **extra: Any) -> dict[str, Any]:
-    """What `mlxweb_source.json` holds: the kind of source ("gguf": a GGUF file; "hf": a
-    safetensors folder; "mlx": an MLX model that was re-quantized), its path, and enough to
-    tell whether it changed since (a GGUF's size and modification time)."""
-    record: dict[str, Any] = {
-        "kind": kind,
-        "path": str(source),
-        "job": progress.job_code,
-        "recorded_at": timezone.now().isoformat(),
-    }
-    if source.is_file():
-        stat = source.stat()
-        record.update(size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    record.update(extra)
-    return record
-
-
-def write_source_record(model_dir: Path, record: dict[str, Any]) -> None:
-    (model_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
 def library_source_record(*, path: str | Path) -> dict[str, Any] | None:
     """The source a model made here was made from, or None (not made here, or unreadable)."""
-    try:
-        record = json.loads((Path(path) / SOURCE_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("kind") not in {"gguf", "hf", "mlx"}:
-        return None
-    if not isinstance(record.get("path"), str):
-        return None
-    return record
+    return inference_services.provenance_read(path=Path(path))
 
 
 def library_validations(*, entries: list[LibraryModel]) -> dict[str, ModelJob]:

@@ -1,27 +1,27 @@
 """Path policy of the library: which folders it may read, write, delete and import from, how a
-new model's folder is named, and the staging folder every job writes into before publishing.
+new model's folder is named.
 
-Everything a job writes into the models folder is first written to `.staging-<job code>` and
-renamed into place at the end, so a cancelled or failed job leaves no half-written model.
+Everything a job writes into the models folder is first written to `.staging-<job code>` (by
+inference.weights.convert, given the job's code as the tag) and renamed into place at the end,
+so a cancelled or failed job leaves no half-written model.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
 
-from models_admin.progress import JobError, JobProgress
+from inference import services as inference_services
+from models_admin.progress import JobCancelled, JobError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 NAME_RE = re.compile(NAME_PATTERN)
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = inference_services.GGUF_MAGIC
 
 
 class LibraryError(Exception):
@@ -125,26 +125,17 @@ def existing_model_dir(source: str) -> Path:
 
 
 @contextmanager
-def staging_folder(progress: JobProgress) -> Iterator[Path]:
-    """A staging folder in the models folder, removed if the block does not finish."""
-    models_dir = Path(settings.MLXWEB_MODELS_DIR)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = models_dir / f".staging-{progress.job_code or uuid.uuid4()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+def weights_errors(dest: Path) -> Iterator[None]:
+    """What the weights layer raises, as the job's errors: a cancel, a file it cannot read, and
+    a model of the same name that appeared while the job wrote into its staging folder."""
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        progress.log("removed the unfinished output")
-        raise
-
-
-def publish(staging: Path, dest: Path) -> None:
-    """Move a finished model from its staging folder to its name, in one rename."""
-    if dest.exists() or dest.is_symlink():
-        raise JobError(f"A model named {dest.name!r} appeared while this job ran.")
-    os.rename(staging, dest)
+        yield
+    except inference_services.ConversionCancelled as e:
+        raise JobCancelled() from e
+    except inference_services.GGUFError as e:
+        raise JobError(str(e)) from e
+    except FileExistsError as e:
+        raise JobError(f"A model named {dest.name!r} appeared while this job ran.") from e
 
 
 def default_model_name(source_name: str, suffix: str) -> str:

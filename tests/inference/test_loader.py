@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import inference.gguf
+import inference.weights.convert
 from inference.catalogue import ModelSpec
 from inference.loader import (
     LoadedModel,
@@ -17,10 +17,10 @@ from inference.loader import (
     converted_path,
     float32_bytes,
     load_model,
-    parameters,
     use_float32_on_cpu,
 )
 from inference.testing import build_tiny_model
+from inference.weights.convert import parameters
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -51,10 +51,10 @@ def test_it_converts_a_gguf_once_and_then_loads_the_cached_directory(
     assert first.context_length == 4096  # the spec's limit, below the model's 8192
     assert first.tokenizer.eos_token_ids == {2}
 
-    def no_conversion(path: Path) -> None:
+    def no_conversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(inference.gguf, "read_gguf", no_conversion)
+    monkeypatch.setattr(inference.weights.convert, "import_gguf", no_conversion)
     second = load_model(spec, converted)
     prompt = first.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert second.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True) == prompt

@@ -21,14 +21,21 @@ def _convert(source: Path, name: str, **options: Any) -> ModelJob:
     return services.job_run(job=job)
 
 
-def generate_a_few_tokens(path: Path) -> str:
-    from mlx_lm import generate, load
+def generate_a_few_tokens(path: Path) -> list[int]:
+    """The tokens the model at `path` writes greedily after a chat prompt (up to 8, at least
+    one), each from finite log-probabilities: a broken conversion (NaN or inf weights) fails."""
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
 
     model, tokenizer = load(str(path))[:2]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, tokenize=False
     )
-    return generate(model, tokenizer, prompt=prompt, max_tokens=8)
+    tokens = []
+    for response in stream_generate(model, tokenizer, prompt=prompt, max_tokens=8):
+        assert mx.all(mx.isfinite(response.logprobs)).item(), f"{path.name}: non-finite logits"
+        tokens.append(response.token)
+    return tokens
 
 
 def test_it_converts_to_float16_mlx_that_loads_and_generates(
@@ -43,7 +50,8 @@ def test_it_converts_to_float16_mlx_that_loads_and_generates(
     assert job.result["dtype"] == "float16"
     assert job.result["model_id"] == "tiny-f16"
     assert job.unit == ModelJob.Unit.STEPS and job.done == job.total == 6 + 2
-    assert isinstance(generate_a_few_tokens(out), str)
+    # float16 to float16: the same weights, so the same greedy answer as the source.
+    assert generate_a_few_tokens(out) == generate_a_few_tokens(tiny_hf_dir)
     entry = LibraryModel.objects.get(path=str(out))
     assert entry.is_mlx and entry.loadable and entry.has_chat_template
     assert entry.model_id == "tiny-f16"
@@ -58,7 +66,7 @@ def test_it_converts_and_quantizes_to_4_bits(library: Path, tiny_hf_dir: Path) -
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["group_size"] == 64
-    assert isinstance(generate_a_few_tokens(out), str)
+    assert generate_a_few_tokens(out)
     entry = LibraryModel.objects.get(path=str(out))
     assert (entry.quant_bits, entry.quant_group_size) == (4, 64)
     assert entry.parameter_count == LibraryModel.objects.get(path=str(tiny_hf_dir)).parameter_count
@@ -71,20 +79,20 @@ def test_it_applies_a_mixed_precision_recipe(library: Path, tiny_hf_dir: Path) -
     entry = LibraryModel.objects.get(path=str(library / "tiny-mixed"))
     assert entry.quant_detail == "mixed 3-6" and entry.quant_bits == 6
     assert entry.quantization == "mixed 3-6-bit, group 64"
-    assert isinstance(generate_a_few_tokens(library / "tiny-mixed"), str)
+    assert generate_a_few_tokens(library / "tiny-mixed")
 
 
 def test_it_leaves_nothing_behind_when_cancelled_mid_job(
     library: Path, tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    set_step_text = JobProgress.set_step_text
+    step = JobProgress.step
 
-    def cancel_after_the_weights_are_written(self: JobProgress, text: str) -> None:
-        set_step_text(self, text)
+    def cancel_after_the_weights_are_written(self: JobProgress, text: str, **counts: Any) -> None:
+        step(self, text, **counts)
         if text == "writing config and tokenizer":
             self.cancel()  # as the monitor does when it reads the job's cancel flag
 
-    monkeypatch.setattr(JobProgress, "set_step_text", cancel_after_the_weights_are_written)
+    monkeypatch.setattr(JobProgress, "step", cancel_after_the_weights_are_written)
 
     job = _convert(tiny_hf_dir, "tiny-f16", dtype="float16")
 

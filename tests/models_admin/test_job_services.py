@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @job_kind("test_echo", heavy=False, describe=lambda p: f"Echo {p['text']}")
 def echo(*, text: str, progress: JobProgress, fail: str = "") -> dict[str, Any]:
     """A job kind that only reports, for the framework's own tests."""
-    progress.start_step("echoing", total=2)
+    progress.step("echoing", total=2)
     progress.advance(2)
     if fail:
         raise JobError(fail)

@@ -7,7 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from inference.fetch import FetchError, fetch_model
+from inference.services import model_fetch
+from inference.weights.fetch import FetchError
 
 
 class Command(BaseCommand):
@@ -30,7 +31,7 @@ class Command(BaseCommand):
         for model_id in ids:
             model = config.models[model_id]
             try:
-                path = fetch_model(model, settings.MLXWEB_MODELS_DIR)
+                path = model_fetch(model=model, models_dir=settings.MLXWEB_MODELS_DIR)
             except FetchError as e:
                 raise CommandError(f"{model_id}: {e}") from e
             if path is None:

@@ -30,7 +30,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.template.defaultfilters import filesizeformat
 
-from models_admin import conversion, services
+from inference.services import CONVERT_DTYPES, QUANT_RECIPES
+from models_admin import services
 from models_admin.forms import (
     KEEP_BITS,
     ConvertForm,
@@ -67,18 +68,24 @@ class Command(BaseCommand):
         convert = sub.add_parser("convert", help="convert a Hugging Face model to MLX")
         convert.add_argument("source")
         convert.add_argument("--name", default="")
-        convert.add_argument("--dtype", default="", choices=["", *conversion.DTYPES])
+        convert.add_argument(
+            "--dtype", default="", choices=["", *CONVERT_DTYPES]
+        )
         convert.add_argument("-q", "--quantize", action="store_true")
         convert.add_argument("--bits", type=int, default=4)
         convert.add_argument("--group-size", type=int, default=64)
-        convert.add_argument("--recipe", default="", choices=["", *conversion.RECIPES])
+        convert.add_argument(
+            "--recipe", default="", choices=["", *QUANT_RECIPES]
+        )
         self._add_background(convert)
 
         quantize = sub.add_parser("quantize", help="quantize an MLX model to fewer bits")
         quantize.add_argument("source")
         quantize.add_argument("--bits", type=int, required=True)
         quantize.add_argument("--group-size", type=int, default=64)
-        quantize.add_argument("--recipe", default="", choices=["", *conversion.RECIPES])
+        quantize.add_argument(
+            "--recipe", default="", choices=["", *QUANT_RECIPES]
+        )
         quantize.add_argument("--name", default="")
         self._add_background(quantize)
 

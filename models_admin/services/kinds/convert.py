@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.catalogue import model_id_for_dir
+from inference import services as inference_services
 from models_admin.progress import JobProgress
 from models_admin.services.jobs import job_kind
-from models_admin.services.library import display_name, source_record, write_source_record
-from models_admin.services.paths import (
-    existing_model_dir,
-    new_model_path,
-    publish,
-    staging_folder,
-)
+from models_admin.services.library import display_name
+from models_admin.services.paths import existing_model_dir, new_model_path, weights_errors
 
 
 @job_kind(
@@ -33,23 +28,20 @@ def model_convert(
     recipe: str | None = None,
 ) -> dict[str, Any]:
     """Convert a Hugging Face safetensors model to MLX (optionally quantized) as `name`."""
-    from models_admin import conversion
-
     src = existing_model_dir(source)
     dest = new_model_path(name)
-    with staging_folder(progress) as staging:
-        info = conversion.convert(
+    with weights_errors(dest):
+        info = inference_services.weights_convert(
             source=src,
-            dest=staging,
+            dest=dest,
             progress=progress,
             dtype=dtype or None,
             quantize=quantize,
             bits=bits if quantize and not recipe else None,
             group_size=group_size if quantize else None,
             recipe=recipe or None,
+            tag=progress.job_code or None,
+            record={"job": progress.job_code},
         )
-        write_source_record(staging, source_record("hf", src, progress))
-        progress.check_cancelled()
-        progress.set_step_text(f"moving into place as {name}")
-        publish(staging, dest)
-    return {"path": str(dest), "name": name, "model_id": model_id_for_dir(name), **info}
+    model_id = inference_services.model_id_for_folder(name=name)
+    return {"path": str(dest), "name": name, "model_id": model_id, **info}

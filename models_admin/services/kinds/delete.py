@@ -34,7 +34,7 @@ def model_delete(*, path: str, progress: JobProgress, repo_id: str = "") -> dict
     if not target.exists() and not target.is_symlink():
         raise JobError(f"{path} is already gone.")
     model_ids = model_ids_for(target, repo_id)
-    progress.start_step("checking for replies in progress")
+    progress.step("checking for replies in progress")
     waited = 0.0
     while (active := inference_services.generation_count_active(model_ids=model_ids)) > 0:
         if waited >= DELETE_WAIT_SECONDS:
@@ -46,7 +46,7 @@ def model_delete(*, path: str, progress: JobProgress, repo_id: str = "") -> dict
     progress.check_cancelled()
 
     models_dir = Path(settings.MLXWEB_MODELS_DIR)
-    progress.start_step(f"deleting {target}")
+    progress.step(f"deleting {target}")
     if in_hf_cache(target):
         strategy = hf_delete_strategy(target)
         for link in library.links_into(models_dir, target):

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from django.template.defaultfilters import filesizeformat
 
-from inference.catalogue import model_id_for_dir
+from inference import services as inference_services
+from inference.services import QUANT_BITS, QUANT_GROUP_SIZES
 from models_admin.models import ModelJob
-from models_admin.progress import JobCancelled, JobError, JobProgress
+from models_admin.progress import JobError, JobProgress
 from models_admin.services.jobs import job_kind
-from models_admin.services.library import source_record, write_source_record
 from models_admin.services.paths import (
     LibraryError,
     library_check_import_path,
     new_model_path,
-    publish,
-    staging_folder,
+    weights_errors,
 )
 from models_admin.services.uploads import upload_remove
 
@@ -31,23 +29,42 @@ def _describe_import(params: dict[str, Any]) -> str:
     return f"Import {file_name} as {params['name']}{how}"
 
 
-def _import_progress(progress: JobProgress, ends: list[int]) -> Callable[[str, int, int], None]:
-    """inference.gguf's progress(step, done, total) as the job's: bytes of tensors read (`ends`:
-    where each tensor's bytes end, counted from the first), then the save."""
+class _ImportProgress:
+    """The import's progress (a "tensors" step counting tensors, then "save") as the job's:
+    bytes of tensors read (`ends`: where each tensor's bytes end, counted from the first), then
+    the save. A `Progress`, like the job's own."""
 
-    def report(step: str, done: int, total: int) -> None:
-        if step == "tensors":
-            if done:
-                progress.set_done(ends[min(done, len(ends)) - 1])
-            else:
-                progress.log(f"reading {total} tensors")
-            progress.set_step_text(f"reading tensors ({done} of {total})")
-        elif step == "save" and done == 0:
-            progress.set_done(ends[-1] if ends else 0)
-            progress.set_step_text("building and saving the MLX model")
-            progress.log("building and saving the MLX model")
+    def __init__(self, progress: JobProgress, ends: list[int]) -> None:
+        self.job = progress
+        self.ends = ends
+        self.current = ""
+        self.done = 0
+        self.total = 0
 
-    return report
+    def step(
+        self, text: str, *, total: int | None = None, done: int = 0, unit: str = "steps"
+    ) -> None:
+        self.current, self.done, self.total = text, done, total or 0
+        if text == "tensors":
+            self.job.log(f"reading {self.total} tensors")
+            self.job.set_step_text(f"reading tensors ({done} of {self.total})")
+        elif text == "save":
+            self.job.set_done(self.ends[-1] if self.ends else 0)
+            self.job.set_step_text("building and saving the MLX model")
+            self.job.log("building and saving the MLX model")
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.current == "tensors" and self.done:
+            self.job.set_done(self.ends[min(self.done, len(self.ends)) - 1])
+            self.job.set_step_text(f"reading tensors ({self.done} of {self.total})")
+
+    def log(self, line: str) -> None:
+        self.job.log(line)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
 
 
 @job_kind("import_gguf", heavy=True, describe=_describe_import)
@@ -67,9 +84,6 @@ def model_import_gguf(
     tokenizer and chat template come from the file. `uploaded_as` marks an upload: the file is
     removed when the job ends, whatever the outcome (a retry then asks for a new upload).
     """
-    from inference import gguf
-    from models_admin import conversion
-
     try:
         path = library_check_import_path(path=source)
     except LibraryError as e:
@@ -80,55 +94,37 @@ def model_import_gguf(
             ) from e
         raise JobError(str(e)) from e
     try:
-        if bits is not None and bits not in gguf.REQUANT_BITS:
-            raise JobError(f"bits must be one of {', '.join(map(str, gguf.REQUANT_BITS))}.")
-        if group_size not in gguf.REQUANT_GROUP_SIZES:
-            raise JobError(
-                f"group_size must be one of {', '.join(map(str, gguf.REQUANT_GROUP_SIZES))}."
-            )
+        if bits is not None and bits not in QUANT_BITS:
+            raise JobError(f"bits must be one of {', '.join(map(str, QUANT_BITS))}.")
+        if group_size not in QUANT_GROUP_SIZES:
+            raise JobError(f"group_size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}.")
         dest = new_model_path(name)
-        progress.start_step(f"reading the header of {uploaded_as or path.name}")
-        try:
-            header = gguf.read_header(path)
-        except gguf.GGUFError as e:
-            raise JobError(str(e)) from e
+        progress.step(f"reading the header of {uploaded_as or path.name}")
+        with weights_errors(dest):
+            header = inference_services.gguf_read_header(path=path)
         ends = list(itertools.accumulate(t.nbytes for t in header.tensors))
         architecture = header.metadata.get("general.architecture", "?")
         progress.log(
             f"{architecture}, {len(header.tensors)} tensors, {filesizeformat(path.stat().st_size)}"
         )
-        progress.start_step(
+        progress.step(
             "reading the tokenizer", total=ends[-1] if ends else 0, unit=ModelJob.Unit.BYTES
         )
-        with staging_folder(progress) as staging:
-            try:
-                result = gguf.import_gguf(
-                    path,
-                    staging / "model",
-                    bits=bits,
-                    group_size=group_size,
-                    progress=_import_progress(progress, ends),
-                    should_cancel=lambda: progress.cancelled,
-                )
-            except gguf.ConversionCancelled as e:
-                raise JobCancelled() from e
-            except gguf.GGUFError as e:
-                raise JobError(str(e)) from e
-            finally:
-                conversion.release_memory()
-            record = source_record(
-                "gguf",
-                path,
-                progress,
+        with weights_errors(dest):
+            result = inference_services.gguf_import(
+                path=path,
+                dest=dest,
                 bits=bits,
-                group_size=group_size if bits else None,
-                uploaded_as=uploaded_as,
+                group_size=group_size,
+                progress=_ImportProgress(progress, ends),
+                tag=progress.job_code or None,
+                record={
+                    "job": progress.job_code,
+                    "bits": bits,
+                    "group_size": group_size if bits else None,
+                    "uploaded_as": uploaded_as,
+                },
             )
-            write_source_record(staging / "model", record)
-            progress.check_cancelled()
-            progress.set_step_text(f"moving into place as {name}")
-            publish(staging / "model", dest)
-            staging.rmdir()
     finally:
         if uploaded_as is not None:
             upload_remove(path)
@@ -137,7 +133,7 @@ def model_import_gguf(
     return {
         "path": str(dest),
         "name": name,
-        "model_id": model_id_for_dir(name),
+        "model_id": inference_services.model_id_for_folder(name=name),
         "source": str(path) if uploaded_as is None else uploaded_as,
         "architecture": result.architecture,
         "model_type": result.model_type,
@@ -152,7 +148,7 @@ def model_import_gguf(
 
 
 def _describe_quantization(summary: dict[str, Any]) -> str:
-    """inference.gguf's summary of what became of each tensor, in a line for people."""
+    """The import's summary of what became of each tensor, in a line for people."""
     parts = []
     kept = summary.get("kept") or {}
     if kept:

@@ -10,8 +10,8 @@ from typing import Any
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
-from inference.catalogue import model_id_for_dir
-from models_admin import hub, library
+from inference import services as inference_services
+from models_admin import hub
 from models_admin.models import ModelJob
 from models_admin.progress import JobCancelled, JobError, JobProgress
 from models_admin.services.jobs import job_kind
@@ -64,7 +64,7 @@ def model_pull(
     watched = [storage, cache_dir / ".locks" / storage.name]
     before = hub.files_under(watched)
 
-    progress.start_step(f"looking up {repo_id}@{revision or 'main'}")
+    progress.step(f"looking up {repo_id}@{revision or 'main'}")
     with hub.hub_errors(repo_id=repo_id, revision=revision, endpoint=endpoint):
         plan = hub.plan(repo_id=repo_id, revision=revision, endpoint=endpoint, token=token)
         if not any(name.endswith(".safetensors") for name in plan.files):
@@ -80,7 +80,7 @@ def model_pull(
         )
         hub.check_free_space(cache_dir, plan.total_bytes - present)
         progress.check_cancelled()
-        progress.start_step(
+        progress.step(
             f"downloading {len(plan.files)} files",
             total=plan.total_bytes,
             unit=ModelJob.Unit.BYTES,
@@ -98,7 +98,7 @@ def model_pull(
     progress.check_cancelled()
 
     progress.set_step_text("checking the model")
-    details = library.inspect_hf_dir(snapshot)
+    details = inference_services.model_dir_inspect(path=snapshot)
     linked = None
     if details["loadable"]:
         linked = _link_pulled(snapshot, name or default_model_name(repo_id, ""), repo_id, progress)
@@ -111,6 +111,6 @@ def model_pull(
         "files": len(plan.files),
         "bytes": plan.total_bytes,
         "linked_as": linked,
-        "model_id": model_id_for_dir(linked) if linked else None,
+        "model_id": inference_services.model_id_for_folder(name=linked) if linked else None,
         "loadable": details["loadable"],
     }

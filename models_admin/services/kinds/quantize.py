@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.catalogue import model_id_for_dir
-from models_admin import library
+from inference import services as inference_services
 from models_admin.progress import JobError, JobProgress
 from models_admin.services.jobs import job_kind
-from models_admin.services.library import display_name, source_record, write_source_record
-from models_admin.services.paths import (
-    existing_model_dir,
-    new_model_path,
-    publish,
-    staging_folder,
-)
+from models_admin.services.library import display_name
+from models_admin.services.paths import existing_model_dir, new_model_path, weights_errors
 
 
 @job_kind(
@@ -34,10 +28,8 @@ def model_quantize(
     recipe: str | None = None,
 ) -> dict[str, Any]:
     """Quantize an MLX model to fewer bits, as a new model `name` (the source is kept)."""
-    from models_admin import conversion
-
     src = existing_model_dir(source)
-    current = library.inspect_hf_dir(src)
+    current = inference_services.model_dir_inspect(path=src)
     if not current["is_mlx"]:
         raise JobError(f"{src.name} is not an MLX model: convert it instead.")
     if current["quant_bits"] is not None and not recipe and bits >= current["quant_bits"]:
@@ -45,19 +37,18 @@ def model_quantize(
             f"{src.name} is already {current['quant_bits']}-bit: quantize to fewer bits."
         )
     dest = new_model_path(name)
-    with staging_folder(progress) as staging:
-        info = conversion.convert(
+    with weights_errors(dest):
+        info = inference_services.weights_convert(
             source=src,
-            dest=staging,
+            dest=dest,
             progress=progress,
             quantize=True,
             bits=None if recipe else bits,
             group_size=group_size,
             recipe=recipe or None,
             dequantize_first=True,
+            tag=progress.job_code or None,
+            record={"job": progress.job_code},
         )
-        write_source_record(staging, source_record("mlx", src, progress))
-        progress.check_cancelled()
-        progress.set_step_text(f"moving into place as {name}")
-        publish(staging, dest)
-    return {"path": str(dest), "name": name, "model_id": model_id_for_dir(name), **info}
+    model_id = inference_services.model_id_for_folder(name=name)
+    return {"path": str(dest), "name": name, "model_id": model_id, **info}

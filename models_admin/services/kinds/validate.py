@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from inference import services as inference_services
 from models_admin.progress import JobError, JobProgress
 from models_admin.services.jobs import job_kind
 from models_admin.services.library import SOURCE_RECORD, display_name, library_source_record
@@ -60,10 +61,8 @@ def _describe_run(run: Any) -> str:
 def model_validate(*, source: str, progress: JobProgress, n_tokens: int = 32) -> dict[str, Any]:
     """Compare a model made here with the source it was made from: the same prompts answered
     greedily (share of identical tokens over the first `n_tokens`), a short text's perplexity
-    from both, size and decode speed (inference.evaluation). The two models are loaded one
-    after the other, so memory holds one at a time."""
-    from inference import evaluation, gguf
-    from models_admin import conversion
+    from both, size and decode speed (inference.weights.evaluation). The two models are loaded
+    one after the other, so memory holds one at a time."""
 
     src = existing_model_dir(source)
     record = library_source_record(path=src)
@@ -76,45 +75,46 @@ def model_validate(*, source: str, progress: JobProgress, n_tokens: int = 32) ->
         raise JobError("n_tokens must be between 1 and 1024.")
     kind, ref_path = _reference_for(record, progress)
     reference_label = f"{ref_path.name} (dequantized)" if kind == "gguf" else ref_path.name
-    progress.start_step(f"loading the reference, {reference_label}", total=4)
+    progress.step(f"loading the reference, {reference_label}", total=4)
     try:
         try:
-            if kind == "gguf":
-                reference = evaluation.gguf_reference(ref_path)
-            else:
-                reference = evaluation.hf_reference(ref_path)
-        except gguf.GGUFError as e:
+            reference = inference_services.validation_reference(kind=kind, path=ref_path)
+        except inference_services.GGUFError as e:
             raise JobError(str(e)) from e
         progress.advance()
         progress.check_cancelled()
-        prompts = list(evaluation.DEFAULT_PROMPTS)
+        prompts = list(inference_services.VALIDATION_PROMPTS)
         progress.set_step_text(
             f"running the reference: {len(prompts)} prompts x {n_tokens} tokens, perplexity"
         )
-        reference_run = evaluation.measure_model(
-            *reference, label=reference_label, prompts=prompts, n_tokens=n_tokens, path=ref_path
+        reference_run = inference_services.validation_measure(
+            model=reference,
+            label=reference_label,
+            prompts=prompts,
+            n_tokens=n_tokens,
+            path=ref_path,
         )
         progress.log(_describe_run(reference_run))
         del reference
-        conversion.release_memory()
+        inference_services.weights_release_memory()
         progress.advance()
         progress.check_cancelled()
 
         progress.log(f"loading {src.name}")
         progress.set_step_text(f"loading {src.name}")
-        candidate = evaluation.hf_reference(src)
+        candidate = inference_services.validation_reference(kind="dir", path=src)
         progress.advance()
         progress.check_cancelled()
         progress.set_step_text(f"running {src.name}")
-        candidate_run = evaluation.measure_model(
-            *candidate, label=src.name, prompts=prompts, n_tokens=n_tokens, path=src
+        candidate_run = inference_services.validation_measure(
+            model=candidate, label=src.name, prompts=prompts, n_tokens=n_tokens, path=src
         )
         progress.log(_describe_run(candidate_run))
         del candidate
         progress.advance()
     finally:
-        conversion.release_memory()
-    report = evaluation.compare_runs(candidate_run, reference_run)
+        inference_services.weights_release_memory()
+    report = inference_services.validation_compare(candidate=candidate_run, reference=reference_run)
     progress.log(report.summary())
     logger.info("job %s: %s", progress.job_code or "-", report.summary())
     return {

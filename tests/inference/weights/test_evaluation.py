@@ -8,15 +8,15 @@ from typing import Any, cast
 
 import pytest
 
-from inference.evaluation import (
+from inference.testing import build_tiny_model
+from inference.weights.convert import ImportResult, import_gguf
+from inference.weights.evaluation import (
     DEFAULT_TEXT,
     ModelRun,
     compare_runs,
     validate_model,
 )
-from inference.gguf import ImportResult, import_gguf
-from inference.testing import build_tiny_model
-from tests.inference.conftest import GEMMA3_PROMPTS, GEMMA3_TOKENS
+from tests.support.gemma3 import GEMMA3_PROMPTS, GEMMA3_TOKENS
 
 
 def _run(generations: list[list[int]], *, perplexity: float = 10.0, n_tokens: int = 4) -> ModelRun:

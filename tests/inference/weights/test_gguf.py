@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from inference.gguf import (
-    GGUFError,
-    GGUFModel,
-    UnsupportedArchitecture,
-    build_model,
-    build_tokenizer,
-    read_gguf,
-    read_header,
-    save_mlx_dir,
-)
-from inference.gguf import _load_tensors as load_tensors
-from inference.gguf import _unpermute_rows as unpermute_rows
+from inference.weights.convert import GGUFModel, build_model, read_gguf, save_mlx_dir
+from inference.weights.gguf import GGUFError, UnsupportedArchitecture, read_header
+from inference.weights.gguf.tensors import load_tensors, unpermute_rows
+from inference.weights.gguf.tokenizer import build_tokenizer
 
 QType = gguf.GGMLQuantizationType
 PARIS_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]

@@ -13,23 +13,25 @@ import numpy as np
 import pytest
 from gguf.quants import quantize
 
-from inference.gguf import (
+from inference.weights.convert import (
     PROVENANCE_FILE,
-    ConversionCancelled,
-    GGUFError,
     ImportResult,
+    build_model,
+    import_gguf,
+    read_gguf,
+    save_mlx_dir,
+)
+from inference.weights.gguf import (
+    GGUFError,
     NotGGUFFile,
     TruncatedGGUF,
     UnsupportedArchitecture,
     UnsupportedTensorType,
-    affine_quantize,
-    build_model,
-    import_gguf,
-    quantization_importance,
-    read_gguf,
-    save_mlx_dir,
 )
-from tests.inference.test_gguf import PARIS_PROMPT, _tokenizer_metadata, _write_gguf
+from inference.weights.progress import ConversionCancelled
+from inference.weights.quantize import affine_quantize, quantization_importance
+from tests.inference.weights.test_gguf import PARIS_PROMPT, _tokenizer_metadata, _write_gguf
+from tests.support.progress import RecordingProgress
 
 QType = gguf.GGMLQuantizationType
 
@@ -50,7 +52,7 @@ def smollm2_import(
 ) -> tuple[ImportResult, list[tuple[str, int, int]]]:
     steps: list[tuple[str, int, int]] = []
     out = tmp_path_factory.mktemp("import") / "smollm2"
-    result = import_gguf(smollm2_gguf, out, progress=lambda *step: steps.append(step))
+    result = import_gguf(smollm2_gguf, out, progress=RecordingProgress(steps))
     return result, steps
 
 
@@ -130,18 +132,12 @@ def test_it_refuses_an_existing_directory_unless_told_to_overwrite(
 def test_it_cancels_mid_import_and_leaves_nothing_behind(
     smollm2_gguf: Path, tmp_path: Path
 ) -> None:
-    seen: list[int] = []
-
-    def progress(step: str, done: int, total: int) -> None:
-        seen.append(done)
+    steps: list[tuple[str, int, int]] = []
+    progress = RecordingProgress(steps, cancel_after=41)
 
     with pytest.raises(ConversionCancelled):
-        import_gguf(
-            smollm2_gguf,
-            tmp_path / "smollm2",
-            progress=progress,
-            should_cancel=lambda: len(seen) > 40,
-        )
+        import_gguf(smollm2_gguf, tmp_path / "smollm2", progress=progress)
+    seen = [done for _, done, _ in steps]
     assert max(seen) == 40  # checked after every tensor
     assert _leftovers(tmp_path) == []
 
@@ -272,7 +268,7 @@ def test_save_mlx_dir_requantizes_an_in_memory_model_the_same_way(
     path = _small_llama_gguf(tmp_path / "mixed.gguf", smollm2_gguf, {"attn_v": QType.Q8_0})
     steps: list[tuple[str, int, int]] = []
     out = save_mlx_dir(
-        read_gguf(path), tmp_path / "saved", bits=4, progress=lambda *s: steps.append(s)
+        read_gguf(path), tmp_path / "saved", bits=4, progress=RecordingProgress(steps)
     )
     imported = import_gguf(path, tmp_path / "imported", bits=4)
     from safetensors.numpy import load_file
@@ -311,12 +307,13 @@ def test_affine_quantize_fits_better_than_mx_quantize_in_mlx_layout(bits: int) -
 def test_affine_quantize_splits_big_matrices_into_row_chunks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import inference.gguf
+    import inference.weights.quantize
 
     mx.random.seed(0)
     w = mx.random.normal((100, 128))
     whole = affine_quantize(w, bits=4, group_size=32)
-    monkeypatch.setattr(inference.gguf, "_CHUNK_ELEMENTS", 30 * 128)  # 4 chunks, the last short
+    # 4 chunks, the last short.
+    monkeypatch.setattr(inference.weights.quantize, "_CHUNK_ELEMENTS", 30 * 128)
     chunked = affine_quantize(w, bits=4, group_size=32)
     assert all(mx.array_equal(a, b).item() for a, b in zip(whole, chunked, strict=True))
 

@@ -15,15 +15,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from inference.gguf import (
-    GEMMA_CHAT_TEMPLATE,
-    GGUFError,
-    ImportResult,
-    build_model,
-    read_gguf,
-    read_header,
-)
-from tests.inference.test_gguf import _write_gguf
+from inference.weights.convert import ImportResult, build_model, read_gguf
+from inference.weights.gguf import GGUFError, read_header
+from inference.weights.gguf.tokenizer import GEMMA_CHAT_TEMPLATE
+from tests.inference.weights.test_gguf import _write_gguf
 
 # (text, ids) from llama.cpp's tokenizer on the real file (add_bos, special tokens parsed).
 LLAMA_CPP_TOKENS = [
@@ -208,7 +203,7 @@ def test_it_refuses_logit_softcapping_gemma3_does_not_have(tmp_path: Path) -> No
 
 
 def test_it_reads_gemma3_270m_hyperparameters(gemma3_gguf: Path) -> None:
-    from inference.gguf import _build_config
+    from inference.weights.gguf.architectures import build_config as _build_config
 
     header = read_header(gemma3_gguf)
     infos = {t.name: t for t in header.tensors}

