@@ -372,3 +372,20 @@ def test_the_depth_scan_agrees_with_the_parser(value: object) -> None:
     text = json.dumps(value)
     assert json_depth_exceeds(text) == (_depth(value) > MAX_JSON_DEPTH)
     assert json_depth_exceeds(json.dumps([[value]]), MAX_JSON_DEPTH + 2) == json_depth_exceeds(text)
+
+
+async def test_it_sends_every_turn_when_the_last_reply_has_no_record(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(text_data=_send("First"))
+    await _frames_until(communicator, 'class="body md"')
+    await Generation.objects.all().adelete()  # the reply's row is gone: nothing to continue
+
+    await communicator.send_to(text_data=_send("Second"))
+    await _frames_until(communicator, 'class="body md"')
+    assert fake_engine.requests[1].messages == [
+        {"role": "user", "content": "First"},
+        {"role": "user", "content": "Second"},
+    ]
+    await communicator.disconnect()

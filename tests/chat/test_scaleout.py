@@ -21,7 +21,7 @@ import pytest
 import redis
 import websockets
 
-from tests.live import Browserless, Site, write_configs
+from tests.support.live import Browserless, Site, write_configs
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.timeout(300)]
 
