@@ -512,7 +512,8 @@ def convert_model(
             kind = "mlx" if dequantize_first else "hf"
             write_provenance(staging, provenance_record(kind, source, **(record or {})))
             check_cancelled(progress)
-            progress.step(f"moving into place as {dest.name}", total=1, done=1)
+            total = info.pop("steps")
+            progress.step(f"moving into place as {dest.name}", total=total, done=total)
         return info
     finally:
         release_memory()
@@ -630,6 +631,7 @@ def _convert(
     progress.advance()
     quantization = config.get("quantization") or {}
     return {
+        "steps": total,
         "dtype": dtype or "",
         "bits": quantization.get("bits"),
         "group_size": quantization.get("group_size"),
