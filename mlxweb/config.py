@@ -145,12 +145,12 @@ class ServerConfig(_Strict):
     # The data folder: the database, the models folder, converted models, the job queue, upload
     # spool files and the secret key live under it unless set on their own.
     var_dir: Path = Path("var")
-    # None: sqlite under var_dir.
-    database_url: str | None = None
+    # Left out: sqlite:///<var_dir>/db.sqlite3.
+    database_url: str = "sqlite:///var/db.sqlite3"
     redis_url: str | None = None
     default_model: ModelId = "smollm2-135m-instruct"
-    # None: var_dir/models.
-    models_dir: Path | None = None
+    # Left out: <var_dir>/models.
+    models_dir: Path = Path("var/models")
     # Whether people other than the first (admin) account may create accounts themselves.
     allow_signup: bool = False
     debug: bool = False
@@ -178,6 +178,25 @@ class ServerConfig(_Strict):
     batch: BatchSettings = BatchSettings()
     library: LibrarySettings = LibrarySettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _under_var_dir(cls, data: Any) -> Any:
+        # The database and the models folder follow var_dir unless set on their own (null in
+        # server.yaml, or left out, means "under var_dir").
+        if not isinstance(data, dict):
+            return data
+        var_dir = data.get("var_dir")
+        if var_dir is None:
+            var_dir = "var"
+        if not isinstance(var_dir, str | Path):
+            return data  # the field's own validation says what is wrong
+        data = dict(data)
+        if data.get("models_dir") is None:
+            data["models_dir"] = Path(var_dir) / "models"
+        if data.get("database_url") is None:
+            data["database_url"] = f"sqlite:///{Path(var_dir) / 'db.sqlite3'}"
+        return data
+
     @field_validator("allowed_hosts", "csrf_trusted_origins", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
@@ -195,9 +214,7 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_urls(self) -> ServerConfig:
-        if self.database_url is not None and not re.match(
-            r"^(sqlite|postgres|postgresql|pgsql)://", self.database_url
-        ):
+        if not re.match(r"^(sqlite|postgres|postgresql|pgsql)://", self.database_url):
             raise ValueError("database_url must start with sqlite:// or postgres://")
         if self.redis_url is not None and not re.match(r"^rediss?://", self.redis_url):
             raise ValueError("redis_url must start with redis:// or rediss://")

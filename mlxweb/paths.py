@@ -30,15 +30,13 @@ class DataPaths:
     @classmethod
     def from_config(cls, server: ServerConfig, base_dir: Path = BASE_DIR) -> DataPaths:
         var_dir = _resolve(server.var_dir, base_dir)
-        models_dir = (
-            _resolve(server.models_dir, base_dir) if server.models_dir else var_dir / "models"
-        )
-        database_url = server.database_url or f"sqlite:///{var_dir / 'db.sqlite3'}"
+        # The config puts both under var_dir unless they are set on their own.
+        models_dir = _resolve(server.models_dir, base_dir)
+        database_url = server.database_url
         if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
             # Relative SQLite paths are relative to the project root, not the working directory.
-            database_url = (
-                f"sqlite:///{_resolve(Path(database_url.removeprefix('sqlite:///')), base_dir)}"
-            )
+            relative = Path(database_url.removeprefix("sqlite:///"))
+            database_url = f"sqlite:///{_resolve(relative, base_dir)}"
         return cls(var_dir=var_dir, models_dir=models_dir, database_url=database_url)
 
     def resolve(self, path: Path) -> Path:
