@@ -12,10 +12,11 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseForbidden
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.middleware import HtmxDetails
 from pydantic import ValidationError
 
 from chat import frames, services
@@ -26,12 +27,19 @@ from inference import services as inference
 from inference.catalogue import UnknownModel
 
 
-def _get_conversation_for_user(request: HttpRequest, code: UUID) -> Conversation:
+class SignedInRequest(HttpRequest):
+    """What a view behind @login_required gets: a signed-in user, and django-htmx's details."""
+
+    user: User
+    htmx: HtmxDetails
+
+
+def _get_conversation_for_user(request: SignedInRequest, code: UUID) -> Conversation:
     """The user's own conversation, or 404 for anyone else's."""
     return get_object_or_404(Conversation, code=code, user=request.user)
 
 
-def _page_context(request: HttpRequest, conversation: Conversation | None) -> dict[str, Any]:
+def _page_context(request: SignedInRequest, conversation: Conversation | None) -> dict[str, Any]:
     conversations = Conversation.objects.filter(user=request.user)
     chat_messages = (
         conversation.messages.select_related("generation") if conversation is not None else []
@@ -48,19 +56,19 @@ def _page_context(request: HttpRequest, conversation: Conversation | None) -> di
 
 @require_GET
 @login_required
-def index(request: HttpRequest) -> HttpResponse:
+def index(request: SignedInRequest) -> HttpResponse:
     """A new chat: the first message creates the conversation."""
     return render(request, "chat/conversation.html", _page_context(request, None))
 
 
 @require_GET
 @login_required
-def conversation_detail(request: HttpRequest, code: UUID) -> HttpResponse:
+def conversation_detail(request: SignedInRequest, code: UUID) -> HttpResponse:
     conversation = _get_conversation_for_user(request, code)
     return render(request, "chat/conversation.html", _page_context(request, conversation))
 
 
-def _send(request: HttpRequest, conversation: Conversation) -> bool:
+def _send(request: SignedInRequest, conversation: Conversation) -> bool:
     """Send the posted composer, the same fields and checks as over the websocket."""
     try:
         message = parse_message({**request.POST.dict(), "type": "send"})
@@ -84,7 +92,7 @@ def _send(request: HttpRequest, conversation: Conversation) -> bool:
 
 @require_POST
 @login_required
-def conversation_create(request: HttpRequest) -> HttpResponse:
+def conversation_create(request: SignedInRequest) -> HttpResponse:
     """Start a conversation; with text, its first message is sent at once."""
     model = request.POST.get("model") or None
     try:
@@ -100,7 +108,7 @@ def conversation_create(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @login_required
-def conversation_send(request: HttpRequest, code: UUID) -> HttpResponse:
+def conversation_send(request: SignedInRequest, code: UUID) -> HttpResponse:
     """The composer without websockets: send, then show the page (the reply streams there)."""
     conversation = _get_conversation_for_user(request, code)
     _send(request, conversation)
@@ -109,7 +117,7 @@ def conversation_send(request: HttpRequest, code: UUID) -> HttpResponse:
 
 @require_POST
 @login_required
-def reply_stop(request: HttpRequest, code: UUID, reply: UUID) -> HttpResponse:
+def reply_stop(request: SignedInRequest, code: UUID, reply: UUID) -> HttpResponse:
     conversation = _get_conversation_for_user(request, code)
     try:
         services.reply_stop(conversation=conversation, reply_code=str(reply))
@@ -120,7 +128,7 @@ def reply_stop(request: HttpRequest, code: UUID, reply: UUID) -> HttpResponse:
 
 @require_POST
 @login_required
-def conversation_rename(request: HttpRequest, code: UUID) -> HttpResponse:
+def conversation_rename(request: SignedInRequest, code: UUID) -> HttpResponse:
     conversation = _get_conversation_for_user(request, code)
     form = RenameForm(request.POST)
     if form.is_valid():
@@ -135,7 +143,7 @@ def conversation_rename(request: HttpRequest, code: UUID) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 @login_required
-def conversation_delete(request: HttpRequest, code: UUID) -> HttpResponse:
+def conversation_delete(request: SignedInRequest, code: UUID) -> HttpResponse:
     """GET asks for confirmation; POST deletes."""
     conversation = _get_conversation_for_user(request, code)
     if request.method == "GET":
@@ -173,7 +181,7 @@ def signup(request: HttpRequest) -> HttpResponse:
     return render(request, "registration/signup.html", {"form": form, "first": first})
 
 
-def login(request: HttpRequest) -> HttpResponse:
+def login(request: HttpRequest) -> HttpResponseBase:
     """Sign in; on a fresh install there is nobody to sign in as, so go create the admin."""
     if not User.objects.exists():
         return redirect("signup")

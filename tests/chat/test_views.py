@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.conf import settings as settings_module
 from django.contrib.auth.models import User
@@ -57,7 +59,7 @@ def test_it_lists_conversations_newest_first(owner_client: Client, owner, models
     from django.utils import timezone
 
     old = Conversation.objects.create(user=owner, model_id=MODEL, title="older")
-    Conversation.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timezone.timedelta(1))
+    Conversation.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timedelta(1))
     Conversation.objects.create(user=owner, model_id=MODEL, title="newer")
     body = owner_client.get(reverse("chat:index")).content.decode()
     assert body.index("newer") < body.index("older")
@@ -76,11 +78,11 @@ def test_it_creates_a_conversation_with_its_first_message(
     assert conversation.title == "Hello there"
     user_message, reply = conversation.messages.all()
     assert user_message.content == "Hello there"
-    assert reply.generation.state == Generation.State.QUEUED
-    assert reply.generation.notify_group == conversation.group_name
-    assert no_worker == [
-        ("inference", {"type": "generation.start", "code": str(reply.generation.code)})
-    ]
+    generation = reply.generation
+    assert generation is not None
+    assert generation.state == Generation.State.QUEUED
+    assert generation.notify_group == conversation.group_name
+    assert no_worker == [("inference", {"type": "generation.start", "code": str(generation.code)})]
 
 
 def test_it_refuses_an_unknown_model(owner_client: Client, owner, models_root) -> None:

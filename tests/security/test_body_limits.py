@@ -53,10 +53,8 @@ class _SpySpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
 
 @pytest.fixture
 def spool_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
-    import django.core.handlers.asgi as asgi_handler
-
     _SpySpool.rolled = []
-    monkeypatch.setattr(asgi_handler.tempfile, "SpooledTemporaryFile", _SpySpool)
+    monkeypatch.setattr("django.core.handlers.asgi.tempfile.SpooledTemporaryFile", _SpySpool)
     yield _SpySpool.rolled
 
 
