@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import Site, write_configs
+from tests.support.live import Site, write_configs
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -37,6 +37,8 @@ def live_site(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         "MLXWEB_VAR_DIR": str(root / "var"),
         "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
         "MLXWEB_SECRET_KEY": "browser-test",
+        # The privacy test signs up a second person; sign-up is closed by default.
+        "MLXWEB_ALLOW_SIGNUP": "true",
         "PYTHONUNBUFFERED": "1",
     }
     site = Site(env=env, log_dir=root)
