@@ -62,7 +62,7 @@ import websockets  # noqa: E402
 from inference.catalogue import Catalogue, ModelSpec, UnknownModel  # noqa: E402
 from inference.loader import converted_path  # noqa: E402
 from mlxweb.config import Config, ConfigError, load_config  # noqa: E402
-from tests.live import Browserless, Site, free_port, wait_for_port  # noqa: E402
+from tests.support.live import Browserless, Site, free_port, wait_for_port  # noqa: E402
 
 logger = logging.getLogger("bench")
 

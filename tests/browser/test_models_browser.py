@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
-from tests.live import Site, write_configs
+from tests.support.live import Site, write_configs
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(400)]
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from inference.models import Generation
 from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
 from models_admin.services.kinds import delete as delete_kind
+from tests.support.fake_hub import TINY_REPO, FakeHub
 
-from .conftest import TINY_REPO, FakeHub, retrying
+from .conftest import retrying
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,25 +77,17 @@ def test_it_waits_for_a_streaming_reply_to_end(
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
     seen_while_streaming: list[bool] = []
 
-    def finish_the_reply() -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            row = retrying(lambda: ModelJob.objects.get(pk=job.pk))
-            if row.step.startswith("waiting for 1 reply"):
-                seen_while_streaming.append(tiny_hf_dir.exists())
-                retrying(
-                    lambda: Generation.objects.filter(pk=reply.pk).update(
-                        state=Generation.State.COMPLETE
-                    )
+    def finish_the_reply(snapshot: dict[str, Any]) -> None:
+        # Called with each progress update the job's monitor writes to its row.
+        if snapshot["step"].startswith("waiting for 1 reply") and not seen_while_streaming:
+            seen_while_streaming.append(tiny_hf_dir.exists())
+            retrying(
+                lambda: Generation.objects.filter(pk=reply.pk).update(
+                    state=Generation.State.COMPLETE
                 )
-                break
-            time.sleep(0.05)
-        connection.close()
+            )
 
-    thread = threading.Thread(target=finish_the_reply)
-    thread.start()
-    job = services.job_run(job=job)
-    thread.join()
+    job = services.job_run(job=job, listener=finish_the_reply)
 
     assert seen_while_streaming == [True]
     assert job.state == ModelJob.State.SUCCEEDED, job.error
@@ -108,22 +98,15 @@ def test_it_keeps_the_model_when_cancelled_while_waiting(
     library: Path, tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch, fast_progress: None
 ) -> None:
     monkeypatch.setattr(delete_kind, "DELETE_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(delete_kind, "DELETE_WAIT_SECONDS", 15)
     Generation.objects.create(model_id="tiny-hf", state=Generation.State.QUEUED)
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
 
-    def cancel_while_waiting() -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if retrying(lambda: ModelJob.objects.get(pk=job.pk)).step.startswith("waiting"):
-                retrying(lambda: services.job_cancel(job=job))
-                break
-            time.sleep(0.05)
-        connection.close()
+    def cancel_while_waiting(snapshot: dict[str, Any]) -> None:
+        if snapshot["step"].startswith("waiting"):
+            retrying(lambda: services.job_cancel(job=job))
 
-    thread = threading.Thread(target=cancel_while_waiting)
-    thread.start()
-    job = services.job_run(job=job)
-    thread.join()
+    job = services.job_run(job=job, listener=cancel_while_waiting)
 
     assert job.state == ModelJob.State.CANCELLED
     assert tiny_hf_dir.is_dir()

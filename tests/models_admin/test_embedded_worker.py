@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mlxweb.config import BASE_DIR
 from models_admin.embedded import start_embedded_worker, stop_embedded_worker, worker_command
+from tests.support.waiting import wait_until
 
 from .conftest import Deployment
 
@@ -69,30 +69,33 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_it_stops_when_serve_is_killed(deployment: Deployment) -> None:
+def test_it_stops_when_serve_is_killed(deployment: Deployment, tmp_path: Path) -> None:
     """The worker notices its parent died (SIGKILL gives no chance to stop it) and exits."""
-    serve_stand_in = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import django, time; django.setup();"
-            "from models_admin.embedded import start_embedded_worker;"
-            "print(start_embedded_worker().pid, flush=True); time.sleep(600)",
-        ],
-        cwd=BASE_DIR,
-        env=deployment.env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:  # the worker inherits the stand-in's stderr
+        serve_stand_in = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import django, time; django.setup();"
+                "from models_admin.embedded import start_embedded_worker;"
+                "print(start_embedded_worker().pid, flush=True); time.sleep(600)",
+            ],
+            cwd=BASE_DIR,
+            env=deployment.env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     assert serve_stand_in.stdout is not None
     worker_pid = int(serve_stand_in.stdout.readline())
-    time.sleep(4)  # let the worker start up and begin watching
+    # Celery says "ready" after worker_init, where the worker starts watching its parent.
+    wait_until(
+        lambda: " ready." in worker_log.read_text(), timeout=60, what="the worker to be ready"
+    )
     assert not _gone(worker_pid)
 
     serve_stand_in.kill()
     serve_stand_in.wait()
 
-    deadline = time.monotonic() + 30
-    while not _gone(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _gone(worker_pid)
+    wait_until(lambda: _gone(worker_pid), timeout=30, interval=0.2, what="the worker to exit")

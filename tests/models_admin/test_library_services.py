@@ -13,8 +13,7 @@ from django.utils import timezone
 from inference.models import Generation
 from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
-
-from .conftest import TINY_REPO, FakeHub
+from tests.support.fake_hub import TINY_REPO, FakeHub
 
 pytestmark = pytest.mark.django_db
 

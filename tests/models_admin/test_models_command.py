@@ -15,8 +15,8 @@ from django.core.management import CommandError, call_command
 
 from mlxweb.config import BASE_DIR
 from models_admin.models import ModelJob
+from tests.support.fake_hub import TINY_REPO, FakeHub
 
-from .conftest import TINY_REPO, FakeHub
 from .test_import_gguf_service import place
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -12,8 +12,9 @@ import pytest
 from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
 from models_admin.progress import JobMonitor
+from tests.support.fake_hub import TINY_REPO, FakeHub, closed_port_url
 
-from .conftest import TINY_REPO, FakeHub, closed_port_url, retrying
+from .conftest import retrying
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

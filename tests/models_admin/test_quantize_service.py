@@ -38,7 +38,7 @@ def test_it_requantizes_an_8_bit_model_to_4_bits(library: Path, tiny_8bit: Path)
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["group_size"] == 32
     assert job.result["bits_per_weight"] < 8
-    assert isinstance(generate_a_few_tokens(library / "tiny-4bit"), str)
+    assert generate_a_few_tokens(library / "tiny-4bit")
     # The source is kept.
     assert json.loads((tiny_8bit / "config.json").read_text())["quantization"]["bits"] == 8
 
@@ -49,7 +49,7 @@ def test_it_quantizes_a_float16_mlx_model(library: Path, tiny_hf_dir: Path) -> N
     job = _run("quantize", source=str(library / "tiny-f16"), name="tiny-3bit", bits=3)
 
     assert job.state == ModelJob.State.SUCCEEDED, job.error
-    assert isinstance(generate_a_few_tokens(library / "tiny-3bit"), str)
+    assert generate_a_few_tokens(library / "tiny-3bit")
 
 
 def test_it_refuses_more_bits_than_the_model_has(library: Path, tiny_8bit: Path) -> None:

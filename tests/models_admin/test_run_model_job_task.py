@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,8 +12,7 @@ from django.utils import timezone
 
 from models_admin import services, tasks
 from models_admin.models import ModelJob
-
-from .conftest import TINY_REPO, FakeHub
+from tests.support.fake_hub import TINY_REPO, FakeHub
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,8 +37,16 @@ def test_it_does_nothing_for_a_job_that_already_ran(library: Path, fake_hub: Fak
     assert fake_hub.requests == []
 
 
-def test_it_drops_a_message_for_a_job_that_does_not_exist() -> None:
-    tasks.run_model_job(str(uuid.uuid4()))
+def test_it_drops_a_message_for_a_job_that_does_not_exist(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code = str(uuid.uuid4())
+
+    with caplog.at_level(logging.WARNING, logger="models_admin.tasks"):
+        tasks.run_model_job(code)
+
+    assert not ModelJob.objects.exists()
+    assert [r.getMessage() for r in caplog.records] == [f"job {code}: no such job, message dropped"]
 
 
 def test_it_marks_jobs_of_a_restarted_worker_failed_and_clears_their_staging(

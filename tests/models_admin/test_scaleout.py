@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from mlxweb.config import BASE_DIR
+from tests.support.fake_hub import TINY_REPO, FakeHub
 
-from .conftest import TINY_REPO, Deployment, FakeHub, stop_process
+from .conftest import Deployment, stop_process
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
