@@ -2,11 +2,15 @@
 
 Django's default handlers would spool a big upload into the temporary folder, and the view would
 copy it again into the models folder. `GGUFUploadHandler` writes the `upload` field's bytes to
-`<models folder>/.uploads/<uuid>.part` as they arrive instead, stops writing at the first chunk
-that does not start with the GGUF magic bytes or goes past the size limit, and removes what it
-wrote unless the view claims the file. It must be installed before the request body is read,
-so the view that uses it is CSRF-exempt and checks CSRF itself after installing it (the pattern
-Django's documentation gives for upload handlers).
+`<models folder>/.uploads/<uuid>.part` as they arrive instead, stops reading the body at the
+first chunk that does not start with the GGUF magic bytes or goes past the size limit, and
+removes what it wrote unless the view claims the file (a rename keeps it on the same disk). It
+must be installed before the request body is read, so the view that uses it is CSRF-exempt and
+checks CSRF itself after installing it (the pattern Django's documentation gives for upload
+handlers).
+
+On this route the ASGI handler (`mlxweb.asgi.StreamingUploadASGIHandler`) does not spool the body
+either: the chunks reach this handler as the client sends them, so the file is written once.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class GGUFUploadHandler(FileUploadHandler):
             self._head += raw_data[: len(GGUF_MAGIC) - len(self._head)]
             if not GGUF_MAGIC.startswith(self._head):
                 self._refuse(f"{self.file_name} is not a GGUF file (it does not start with GGUF).")
-                raise SkipFile()
+                # Reading the rest would only be thrown away: stop reading the body here.
+                raise StopUpload(connection_reset=True)
         if start + len(raw_data) > self.max_bytes:
             self.too_large = True
             self._refuse(
@@ -75,7 +80,7 @@ class GGUFUploadHandler(FileUploadHandler):
                 f"{filesizeformat(self.max_bytes)}: put it in a folder GGUF files may be "
                 "imported from and import it by path."
             )
-            raise StopUpload(connection_reset=False)
+            raise StopUpload(connection_reset=True)
         self._file.write(raw_data)
         return None
 
