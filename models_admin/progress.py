@@ -14,12 +14,20 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.db import OperationalError, close_old_connections, connection
 from django.utils import timezone
+
+if TYPE_CHECKING:
+    from inference.weights.progress import Progress
+
+    class ProgressMirror(Progress, Protocol):
+        """A `Progress` that also hears a step's description change (`set_step_text`)."""
+
+        def rename(self, text: str) -> None: ...
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +48,13 @@ class JobError(Exception):
 class JobProgress:
     """The progress of one job: current step, done/total in bytes or steps, and a log tail.
 
-    Implements `inference.weights.progress.Progress` (step, advance, log, cancelled).
+    Implements `inference.weights.progress.Progress` (step, advance, log, cancelled), and
+    passes what it hears on to `mirror` (the command line's bar) as it happens.
     """
 
-    def __init__(self, *, job_code: str = "") -> None:
+    def __init__(self, *, job_code: str = "", mirror: ProgressMirror | None = None) -> None:
         self.job_code = job_code
+        self.mirror = mirror
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._step = ""
@@ -67,24 +77,34 @@ class JobProgress:
             self._samples.clear()
             self._log.append(text)
         logger.info("job %s: %s", self.job_code or "-", text)
+        if self.mirror is not None:
+            self.mirror.step(text, total=total, done=done, unit=unit)
 
     def advance(self, n: int | float = 1) -> None:
         with self._lock:
             self._done += int(n)
+        if self.mirror is not None:
+            self.mirror.advance(int(n))
 
     def set_done(self, done: int) -> None:
         with self._lock:
-            self._done = done
+            delta, self._done = done - self._done, done
+        if self.mirror is not None:
+            self.mirror.advance(delta)
 
     def set_step_text(self, text: str) -> None:
         """Change the step's description without resetting its counts (e.g. "layer 3 of 30")."""
         with self._lock:
             self._step = text[:300]
+        if self.mirror is not None:
+            self.mirror.rename(text)
 
     def log(self, line: str) -> None:
         with self._lock:
             for part in str(line).splitlines() or [""]:
                 self._log.append(part[:2000])
+        if self.mirror is not None:
+            self.mirror.log(line)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -123,9 +143,6 @@ class JobProgress:
             }
 
 
-Listener = Callable[[dict[str, Any]], None]
-
-
 class JobMonitor(threading.Thread):
     """Copies a JobProgress onto its job row every `interval` seconds and reads the cancel flag.
 
@@ -138,13 +155,11 @@ class JobMonitor(threading.Thread):
         job_id: int,
         progress: JobProgress,
         interval: float = 1.0,
-        listener: Listener | None = None,
     ) -> None:
         super().__init__(name=f"job-monitor-{job_id}", daemon=True)
         self.job_id = job_id
         self.progress = progress
         self.interval = interval
-        self.listener = listener
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -172,8 +187,6 @@ class JobMonitor(threading.Thread):
             return
         if cancel:
             self.progress.cancel()
-        if self.listener is not None:
-            self.listener(snapshot)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -181,11 +194,9 @@ class JobMonitor(threading.Thread):
 
 
 @contextmanager
-def monitored(
-    *, job_id: int, progress: JobProgress, interval: float = 1.0, listener: Listener | None = None
-) -> Iterator[JobMonitor]:
+def monitored(*, job_id: int, progress: JobProgress, interval: float = 1.0) -> Iterator[JobMonitor]:
     """Run a JobMonitor for the duration of the block."""
-    monitor = JobMonitor(job_id=job_id, progress=progress, interval=interval, listener=listener)
+    monitor = JobMonitor(job_id=job_id, progress=progress, interval=interval)
     monitor.start()
     try:
         yield monitor

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db.models import Q
@@ -30,9 +30,12 @@ from django.utils import timezone
 
 from models_admin import progress as progress_module
 from models_admin.models import ModelJob
-from models_admin.progress import JobCancelled, JobError, JobProgress, Listener, monitored
+from models_admin.progress import JobCancelled, JobError, JobProgress, monitored
 from models_admin.services.library import library_scan
 from models_admin.services.uploads import upload_cleanup
+
+if TYPE_CHECKING:
+    from models_admin.progress import ProgressMirror
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ def job_run(
     job: ModelJob,
     task_id: str | None = None,
     worker: str = "",
-    listener: Listener | None = None,
+    mirror: ProgressMirror | None = None,
     interval: float | None = None,
 ) -> ModelJob:
     """Run a queued job here and now, recording progress and its end on the row.
@@ -186,7 +189,7 @@ def job_run(
     job.refresh_from_db()
     logger.info("job %s: %s started on %s", job.code, job.title, worker or "this process")
 
-    progress = JobProgress(job_code=str(job.code))
+    progress = JobProgress(job_code=str(job.code), mirror=mirror)
     if job.cancel_requested:
         progress.cancel()
     state, error, result = ModelJob.State.FAILED, "", {}
@@ -196,7 +199,6 @@ def job_run(
             job_id=job.pk,
             progress=progress,
             interval=interval or progress_module.FLUSH_INTERVAL_SECONDS,
-            listener=listener,
         ):
             progress.check_cancelled()
             result = get_job_kind(job.kind).run(progress=progress, **job.params) or {}

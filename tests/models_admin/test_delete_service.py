@@ -12,6 +12,7 @@ from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
 from models_admin.services.kinds import delete as delete_kind
 from tests.support.fake_hub import TINY_REPO, FakeHub
+from tests.support.progress import RecordingProgress
 
 from .conftest import retrying
 
@@ -77,9 +78,9 @@ def test_it_waits_for_a_streaming_reply_to_end(
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
     seen_while_streaming: list[bool] = []
 
-    def finish_the_reply(snapshot: dict[str, Any]) -> None:
-        # Called with each progress update the job's monitor writes to its row.
-        if snapshot["step"].startswith("waiting for 1 reply") and not seen_while_streaming:
+    def finish_the_reply(text: str) -> None:
+        # Called with each step the job begins, as it begins it.
+        if text.startswith("waiting for 1 reply") and not seen_while_streaming:
             seen_while_streaming.append(tiny_hf_dir.exists())
             retrying(
                 lambda: Generation.objects.filter(pk=reply.pk).update(
@@ -87,7 +88,7 @@ def test_it_waits_for_a_streaming_reply_to_end(
                 )
             )
 
-    job = services.job_run(job=job, listener=finish_the_reply)
+    job = services.job_run(job=job, mirror=RecordingProgress([], on_step=finish_the_reply))
 
     assert seen_while_streaming == [True]
     assert job.state == ModelJob.State.SUCCEEDED, job.error
@@ -102,11 +103,11 @@ def test_it_keeps_the_model_when_cancelled_while_waiting(
     Generation.objects.create(model_id="tiny-hf", state=Generation.State.QUEUED)
     job = services.job_create(kind="delete", params={"path": str(tiny_hf_dir)}, enqueue=False)
 
-    def cancel_while_waiting(snapshot: dict[str, Any]) -> None:
-        if snapshot["step"].startswith("waiting"):
+    def cancel_while_waiting(text: str) -> None:
+        if text.startswith("waiting"):
             retrying(lambda: services.job_cancel(job=job))
 
-    job = services.job_run(job=job, listener=cancel_while_waiting)
+    job = services.job_run(job=job, mirror=RecordingProgress([], on_step=cancel_while_waiting))
 
     assert job.state == ModelJob.State.CANCELLED
     assert tiny_hf_dir.is_dir()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class RecordingProgress:
     """Appends (step, done, total) to `steps` on every `step` and `advance`; says cancelled once
-    `cancel_after` entries are recorded (never, by default)."""
+    `cancel_after` entries are recorded (never, by default); calls `on_step` with each step's
+    text as the step begins."""
 
-    def __init__(self, steps: list[tuple[str, int, int]], *, cancel_after: int | None = None):
+    def __init__(
+        self,
+        steps: list[tuple[str, int, int]],
+        *,
+        cancel_after: int | None = None,
+        on_step: Callable[[str], None] | None = None,
+    ):
         self.steps = steps
         self.cancel_after = cancel_after
+        self.on_step = on_step
         self.lines: list[str] = []
         self._step = ""
         self._done = 0
@@ -20,10 +30,15 @@ class RecordingProgress:
     ) -> None:
         self._step, self._done, self._total = text, done, total or 0
         self.steps.append((text, done, self._total))
+        if self.on_step is not None:
+            self.on_step(text)
 
     def advance(self, n: int = 1) -> None:
         self._done += n
         self.steps.append((self._step, self._done, self._total))
+
+    def rename(self, text: str) -> None:
+        self._step = text
 
     def log(self, line: str) -> None:
         self.lines.append(line)

@@ -262,8 +262,7 @@ class Command(BaseCommand):
             job = services.job_run(
                 job=job,
                 worker=f"cli@{socket.gethostname()}:{os.getpid()}",
-                listener=bar.update,
-                interval=0.5,
+                mirror=bar,
             )
         except KeyboardInterrupt:
             bar.close()
@@ -315,42 +314,49 @@ def _row_json(row: LibraryModel) -> dict[str, Any]:
 
 
 class _ProgressBar:
-    """A tqdm bar on stderr that follows the job's progress snapshots (one bar per step)."""
+    """A tqdm bar on stderr for each step of a job run here: the job's progress passes each
+    step, advance and description change on to it as it happens (`ProgressMirror`)."""
+
+    cancelled = False  # Ctrl-C cancels the job; the bar never asks for it
 
     def __init__(self, *, disable: bool) -> None:
         self.disable = disable
         self.bar: Any = None
-        self.step = ""
 
-    def update(self, snapshot: dict[str, Any]) -> None:
+    def step(
+        self, text: str, *, total: int | None = None, done: int = 0, unit: str = "steps"
+    ) -> None:
         if self.disable:
             return
         from tqdm import tqdm
 
-        unit_bytes = snapshot["unit"] == ModelJob.Unit.BYTES
-        if (
-            self.bar is None
-            or snapshot["step"] != self.step
-            and snapshot["total"] != self.bar.total
-        ):
-            self.close()
-            self.step = snapshot["step"]
-            self.bar = tqdm(
-                total=snapshot["total"],
-                unit="B" if unit_bytes else "step",
-                unit_scale=unit_bytes,
-                unit_divisor=1024 if unit_bytes else 1000,
-                desc=self.step[:40],
-                leave=True,
-                # The download's own (silent) tqdm bars would otherwise push this one down.
-                position=0,
-            )
-        self.bar.set_description(snapshot["step"][:40], refresh=False)
-        self.bar.n = snapshot["done"]
-        self.bar.refresh()
+        self.close()
+        unit_bytes = unit == ModelJob.Unit.BYTES
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="B" if unit_bytes else "step",
+            unit_scale=unit_bytes,
+            unit_divisor=1024 if unit_bytes else 1000,
+            desc=text[:40],
+            leave=True,
+            # The download's own (silent) tqdm bars would otherwise push this one down.
+            position=0,
+        )
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def rename(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text[:40])
+
+    def log(self, line: str) -> None:
+        pass  # the job's log is printed at the end
 
     def finish(self, job: ModelJob) -> None:
-        """Show where the job ended (the last update may predate its last bytes)."""
+        """Show where the job ended."""
         if self.bar is not None and job.total:
             self.bar.n = job.done
             self.bar.refresh()

@@ -35,11 +35,13 @@ def model_delete(*, path: str, progress: JobProgress, repo_id: str = "") -> dict
         raise JobError(f"{path} is already gone.")
     model_ids = model_ids_for(target, repo_id)
     progress.step("checking for replies in progress")
-    waited = 0.0
+    waited, waiting_for = 0.0, 0
     while (active := inference_services.generation_count_active(model_ids=model_ids)) > 0:
         if waited >= DELETE_WAIT_SECONDS:
             raise JobError(f"Replies from {', '.join(model_ids)} are still running: try later.")
-        progress.set_step_text(f"waiting for {active} repl{'y' if active == 1 else 'ies'} to end")
+        if active != waiting_for:
+            progress.step(f"waiting for {active} repl{'y' if active == 1 else 'ies'} to end")
+            waiting_for = active
         progress.check_cancelled()
         time.sleep(DELETE_POLL_SECONDS)
         waited += DELETE_POLL_SECONDS
