@@ -18,6 +18,7 @@ from django.template.defaultfilters import filesizeformat
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
+from django_htmx.middleware import HtmxDetails
 
 from models_admin import services
 from models_admin.forms import (
@@ -43,6 +44,12 @@ SORTS: dict[str, tuple[str, Any]] = {
     "last_used": ("recently used first", F("last_used_at").desc(nulls_last=True)),
     "-last_used": ("least recently used first", F("last_used_at").asc(nulls_first=True)),
 }
+
+
+class HtmxRequest(HttpRequest):
+    """A request that went through django-htmx's middleware."""
+
+    htmx: HtmxDetails
 
 
 def staff_required(view: View) -> View:
@@ -83,29 +90,29 @@ def index(request: HttpRequest) -> HttpResponse:
         shown = shown.filter(name__icontains=query) | shown.filter(path__icontains=query)
         shown = shown | everything.filter(architecture__icontains=query)
         shown = shown | everything.filter(model_id__icontains=query)
-    shown = list(shown.distinct().order_by(SORTS[sort][1], "name"))
-    validations = services.library_validations(entries=shown)
+    entries = list(shown.distinct().order_by(SORTS[sort][1], "name"))
+    validations = services.library_validations(entries=entries)
     rows = [
         (
             m,
             validations.get(m.path),
             m.is_mlx and services.library_source_record(path=m.path) is not None,
         )
-        for m in shown
+        for m in entries
     ]
     # Every unfinished job, then the latest few that ended; the admin lists them all.
     active = list(ModelJob.objects.filter(state__in=ModelJob.ACTIVE_STATES))
     ended = list(ModelJob.objects.exclude(state__in=ModelJob.ACTIVE_STATES)[:RECENT_JOBS])
     jobs = active + ended
     context = {
-        "models": shown,
+        "models": entries,
         "rows": rows,
         "query": query,
         "sort": sort,
         "sorts": [(key, label) for key, (label, _) in SORTS.items()],
         "total_bytes": sum(m.size_bytes for m in everything),
         "total_count": everything.count(),
-        "shown_bytes": sum(m.size_bytes for m in shown),
+        "shown_bytes": sum(m.size_bytes for m in entries),
         "jobs": jobs,
         "pull_form": PullForm(),
         "import_form": ImportGGUFForm(),
@@ -277,7 +284,8 @@ def delete(request: HttpRequest, code: UUID) -> HttpResponse:
         form = DeleteForm({"source": str(entry.code)})
         if form.is_valid():
             return _start(request, "delete", form.job_params())
-        messages.error(request, " ".join(form.errors.get("source", ["Cannot delete this model."])))
+        errors = form.errors.get("source") or ["Cannot delete this model."]
+        messages.error(request, " ".join(str(e) for e in errors))
         return redirect("models_admin:index")
     try:
         preview = services.library_delete_preview(entry=entry)
@@ -299,7 +307,7 @@ def job_detail(request: HttpRequest, code: UUID) -> HttpResponse:
 
 @require_GET
 @staff_required
-def job_progress(request: HttpRequest, code: UUID) -> HttpResponse:
+def job_progress(request: HtmxRequest, code: UUID) -> HttpResponse:
     """The job's progress fragment; htmx polls it every second until the job ends."""
     job = _get_job(code)
     if job.state == ModelJob.State.RUNNING:
