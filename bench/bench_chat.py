@@ -58,11 +58,11 @@ from importlib import metadata  # noqa: E402
 from typing import Any  # noqa: E402
 
 import websockets  # noqa: E402
+from servers import FormClient, MlxwebServer, free_port, listening  # noqa: E402
 
 from inference.catalogue import Catalogue, ModelSpec, UnknownModel  # noqa: E402
 from inference.loader import converted_path  # noqa: E402
 from mlxweb.config import Config, ConfigError, load_config  # noqa: E402
-from tests.support.live import Browserless, Site, free_port, wait_for_port  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -568,16 +568,16 @@ class LiveApp:
             env["MLXWEB_DEFAULT_MODEL"] = settings.spec.id
         if not prompt_cache:
             env["MLXWEB_PROMPT_CACHE_ENTRIES"] = "0"
-        self.site = Site(env=env, log_dir=workdir)
-        self.client: Browserless | None = None
+        self.site = MlxwebServer(env=env, log_path=workdir / "web.log")
+        self.client: FormClient | None = None
 
     def start(self) -> None:
         try:
             self.site.manage("migrate", "--noinput", "-v0")
-            self.site.serve()
-            self.client = Browserless(self.site.url)
+            self.site.start()
+            self.client = FormClient(self.site.url)
             password = "bench-" + uuid.uuid4().hex
-            url, _ = self.client.post(
+            url = self.client.submit(
                 "/signup/", {"username": "bench", "password1": password, "password2": password}
             )
             if "/signup/" in url:
@@ -587,15 +587,15 @@ class LiveApp:
             raise
 
     def dump_log(self) -> None:
-        logger.error("manage.py serve log tail:\n%s", self.site.log("web")[-3000:])
+        logger.error("manage.py serve log tail:\n%s", self.site.log_tail())
 
     def stop(self) -> None:
-        self.site.stop_all()
+        self.site.stop()
 
     def new_conversation(self) -> str:
         assert self.client is not None
         # /c/new/ takes only POST: the CSRF token comes from the page that shows its form.
-        _, page = self.client.get("/")
+        page = self.client.page("/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
         if not token:
             raise BenchError("no CSRF token on the chat page")
@@ -632,10 +632,23 @@ class LiveApp:
         return dict(row)
 
     def prompts_sent(self) -> list[list[dict[str, str]]]:
-        """The messages each generation sent the model, oldest first."""
+        """The messages each generation sent the model, oldest first: each prompt is the path
+        from its leaf `inference_promptmessage` up to the root."""
+        path = """
+            WITH RECURSIVE path(id, parent_id, role, content, depth) AS (
+                SELECT id, parent_id, role, content, 0 FROM inference_promptmessage WHERE id = ?
+                UNION ALL
+                SELECT node.id, node.parent_id, node.role, node.content, path.depth + 1
+                FROM inference_promptmessage AS node JOIN path ON node.id = path.parent_id
+            )
+            SELECT role, content FROM path ORDER BY depth DESC
+        """
         with contextlib.closing(sqlite3.connect(self.db_path, timeout=30)) as db:
-            rows = db.execute("SELECT messages FROM inference_generation ORDER BY id").fetchall()
-        return [json.loads(r[0]) for r in rows]
+            leaves = db.execute("SELECT prompt_id FROM inference_generation ORDER BY id")
+            return [
+                [{"role": role, "content": content} for role, content in db.execute(path, (leaf,))]
+                for (leaf,) in leaves.fetchall()
+            ]
 
 
 def _db_time(value: str | None) -> float | None:
@@ -780,7 +793,7 @@ class ServerPath:
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
-            wait_for_port(self.port, self.process, timeout=120)
+            listening(self.port, self.process, timeout=120)
             self.batch(["Say hello."], 4)  # warm-up (and the model load)
         except BaseException:
             self.dump_log()
