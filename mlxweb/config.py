@@ -18,15 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-# The model schemas are the inference app's; they stay importable from here for the callers that
-# still use these names (inference.fetch, inference.testing, bench).
-from inference.config import (
-    ModelConfig,
-    ModelId,
-    ModelSource,
-    PyPISource,
-    SamplingDefaults,
-)
+# The model schemas are the inference app's (its engine imports them without the project).
+from inference.config import ModelConfig, ModelId
 from inference.config import StrictSchema as _Strict
 
 __all__ = [
@@ -34,11 +27,6 @@ __all__ = [
     "DEFAULT_CONFIG_DIR",
     "Config",
     "ConfigError",
-    "ModelConfig",
-    "ModelId",
-    "ModelSource",
-    "PyPISource",
-    "SamplingDefaults",
     "ServerConfig",
     "load_config",
 ]
