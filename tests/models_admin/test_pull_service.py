@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 
 from models_admin import services
 from models_admin.models import LibraryModel, ModelJob
-from models_admin.progress import JobMonitor
+from models_admin.progress import JobMonitor, JobProgress
 from tests.support.fake_hub import TINY_REPO, FakeHub, closed_port_url
 
 from .conftest import retrying
@@ -229,30 +228,44 @@ def test_it_reports_a_disk_that_fills_up_during_the_pull(
 
 
 def test_it_leaves_nothing_behind_when_cancelled_mid_transfer(
-    library: Path, hf_cache: Path, fake_hub: FakeHub, fast_progress: None
+    library: Path,
+    hf_cache: Path,
+    fake_hub: FakeHub,
+    fast_progress: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fake_hub.bytes_per_second = 200_000
+    # The hub holds the tokenizer half-way (the weights are in, the other files are coming)
+    # until the job has seen its cancel, so the transfer cannot finish first on any machine.
+    tokenizer = fake_hub.repos[TINY_REPO].files["tokenizer.json"]
+    fake_hub.hold_after["tokenizer.json"] = len(tokenizer) // 2
+    cancel_seen = threading.Event()
+    cancel = JobProgress.cancel
+
+    def noting_cancel(self: JobProgress) -> None:
+        cancel(self)
+        cancel_seen.set()
+
+    monkeypatch.setattr(JobProgress, "cancel", noting_cancel)
     job = services.job_create(kind="pull", params={"repo_id": TINY_REPO}, enqueue=False)
 
-    def cancel_once_downloading() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            row = retrying(
-                lambda: ModelJob.objects.filter(pk=job.pk).values("done", "state").first()
-            )
-            if row and row["state"] == "running" and row["done"] > 0:
-                retrying(lambda: services.job_cancel(job=job))
-                break
-            time.sleep(0.05)
+    def cancel_mid_transfer() -> None:
         from django.db import connection
 
-        connection.close()
+        try:
+            if fake_hub.holding.wait(30):
+                retrying(lambda: services.job_cancel(job=job))
+                cancel_seen.wait(30)
+        finally:
+            fake_hub.release.set()
+            connection.close()
 
-    canceller = threading.Thread(target=cancel_once_downloading)
+    canceller = threading.Thread(target=cancel_mid_transfer)
     canceller.start()
     job = services.job_run(job=job)
     canceller.join()
 
+    assert fake_hub.holding.is_set(), "the tokenizer's transfer never reached the hold"
+    assert cancel_seen.is_set(), "the job never saw the cancel"
     assert job.state == ModelJob.State.CANCELLED
     assert not (hf_cache / "models--test-org--tiny-llama").exists()
     assert not list(library.iterdir())

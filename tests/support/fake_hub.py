@@ -48,7 +48,9 @@ class FakeHub:
     `drop_after[file] = n` closes the connection once after sending n bytes of that file;
     `down_after_drop` then also puts that file in `unavailable`, whose files answer HTTP 503
     until taken out (an outage longer than a client's retries); `bytes_per_second` slows every
-    file transfer down.
+    file transfer down. `hold_after[file] = n` sends n bytes of that file, sets `holding` and
+    waits for `release` before sending the rest: a transfer caught mid-way for as long as a
+    test needs.
     """
 
     repos: dict[str, FakeRepo] = field(default_factory=dict)
@@ -57,6 +59,9 @@ class FakeHub:
     down_after_drop: bool = False
     unavailable: set[str] = field(default_factory=set)
     bytes_per_second: float | None = None
+    hold_after: dict[str, int] = field(default_factory=dict)
+    holding: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     served: dict[str, int] = field(default_factory=dict)
     server: ThreadingHTTPServer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,6 +105,7 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        self.release.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -229,11 +235,18 @@ class FakeHub:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         drop = self.drop_after.pop(name, None) if status == 200 else None
+        hold = self.hold_after.pop(name, None)
         sent = 0
         chunk = 16 * 1024
         limit = len(body) if drop is None else drop
         while sent < limit:
-            piece = body[sent : min(sent + chunk, limit)]
+            if hold is not None and sent >= hold:
+                hold = None
+                self.holding.set()
+                if not self.release.wait(60):
+                    return  # nobody let it go on: the connection closes with the file cut
+            end = min(sent + chunk, limit) if hold is None else min(sent + chunk, limit, hold)
+            piece = body[sent:end]
             try:
                 h.wfile.write(piece)
                 h.wfile.flush()
