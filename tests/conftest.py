@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: users, logged-in clients, a temporary models root."""
+"""Fixtures shared by every test package: users, logged-in clients, a temporary models root, and
+the real models (SmolLM2, Gemma 3 270M) read and imported once per session."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from django.test import Client
 from inference.catalogue import reset_catalogue
 from inference.services import model_fetch
 from inference.testing import build_tiny_model
-from inference.weights.convert import ImportResult, import_gguf
+from inference.weights.convert import GGUFModel, ImportResult, build_model, read_gguf
 from inference.weights.evaluation import ModelRun, gguf_reference, measure_model
 from inference.weights.fetch import FetchError
 from tests.support.gemma3 import GEMMA3_PROMPTS, GEMMA3_TEXT, GEMMA3_TOKENS
+from tests.support.gguf_imports import SessionImport, import_once
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 
@@ -41,6 +43,34 @@ def smollm2_gguf() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """A tiny llama (random weights, SmolLM2's tokenizer) as an mlx-lm directory named `tiny`."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-models") / "tiny", smollm2_gguf)
+
+
+# The SmolLM2 GGUF read, built and imported once per session: one fixture per distinct
+# conversion, shared by every test of it.
+
+
+@pytest.fixture(scope="session")
+def smollm2_in_memory(smollm2_gguf: Path) -> GGUFModel:
+    """The GGUF read into MLX arrays (quantized blocks kept), as `read_gguf` returns it."""
+    return read_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_built(smollm2_in_memory: GGUFModel) -> tuple[Any, Any]:
+    """(model, tokenizer) built in memory from the GGUF, never saved."""
+    return build_model(smollm2_in_memory)
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(
+    smollm2_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    django_db_setup: None,
+    django_db_blocker: Any,
+) -> SessionImport:
+    """The GGUF imported as `smollm2` (blocks kept as they are) by the `import_gguf` job."""
+    root = tmp_path_factory.mktemp("smollm2-import")
+    return import_once(smollm2_gguf, root, django_db_blocker, name="smollm2")
 
 
 @pytest.fixture
@@ -126,9 +156,24 @@ def gemma3_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma3_4bit(gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> ImportResult:
-    """The Q4_K_M GGUF imported at 4 bits (group size 64): the default import."""
-    return import_gguf(gemma3_gguf, tmp_path_factory.mktemp("gemma3") / "gemma-3-270m", bits=4)
+def gemma3_import(
+    gemma3_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    django_db_setup: None,
+    django_db_blocker: Any,
+) -> SessionImport:
+    """The Q4_K_M GGUF imported as `gemma3-4bit`, re-quantized to 4 bits (group size 64), by
+    the `import_gguf` job."""
+    root = tmp_path_factory.mktemp("gemma3-import")
+    return import_once(
+        gemma3_gguf, root, django_db_blocker, name="gemma3-4bit", bits=4, group_size=64
+    )
+
+
+@pytest.fixture(scope="session")
+def gemma3_4bit(gemma3_import: SessionImport) -> ImportResult:
+    """What the session's 4-bit import of Gemma 3 270M wrote: the default import."""
+    return gemma3_import.result
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 from mlxweb.config import BASE_DIR
 from models_admin import tasks
 from tests.support.fake_hub import REPO_EXTRAS, TINY_REPO, FakeHub
+from tests.support.gguf_imports import SessionImport
 from tests.support.hf_model import tiny_hf_model_files
 from tests.support.waiting import wait_until
 
@@ -49,6 +50,20 @@ def hf_cache(tmp_path: Path, settings: Any) -> Path:
 def library(models_root: Path, hf_cache: Path) -> Path:
     """Both folders the library may touch, empty; the models folder is returned."""
     return models_root
+
+
+@pytest.fixture
+def library_of(library: Path, settings: Any) -> Any:
+    """Points the library at the models folder of one of the session's imports (see
+    tests/support/gguf_imports.py) instead of the empty one; returns a function doing it."""
+    from inference.catalogue import reset_catalogue
+
+    def use(imported: SessionImport) -> Path:
+        settings.MLXWEB_MODELS_DIR = imported.models_dir
+        reset_catalogue()
+        return imported.models_dir
+
+    return use
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +11,13 @@ import numpy as np
 import pytest
 
 from models_admin import services
-from models_admin.models import LibraryModel, ModelJob
+from models_admin.models import ModelJob
 from models_admin.progress import JobProgress
+from tests.support.gguf_imports import SessionImport, place
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PARIS = "What is the capital of France? Answer briefly."
-
-
-def place(source: Path, folder: Path) -> Path:
-    """The file in `folder` as a real file (a hard link where it can be, else a copy)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / source.name
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy(source, dest)
-    return dest
 
 
 def import_job(source: Path | str, name: str, **options: Any) -> ModelJob:
@@ -70,9 +58,12 @@ def smollm2_in_library(library: Path, smollm2_gguf: Path) -> Path:
 
 
 def test_it_imports_smollm2_into_an_mlx_model_that_says_paris(
-    library: Path, smollm2_in_library: Path
+    smollm2_import: SessionImport,
 ) -> None:
-    job = import_job(smollm2_in_library, "smollm2")
+    # The session's import (tests/conftest.py): this job, run once, shared with the tests of
+    # the import itself and of validation.
+    job, library = smollm2_import.job, smollm2_import.models_dir
+    smollm2_in_library = smollm2_import.source
 
     assert job.state == ModelJob.State.SUCCEEDED, job.error
     out = library / "smollm2"
@@ -88,7 +79,7 @@ def test_it_imports_smollm2_into_an_mlx_model_that_says_paris(
     assert record["kind"] == "gguf" and record["path"] == str(smollm2_in_library)
     assert record["size_bytes"] == smollm2_in_library.stat().st_size
     assert record["bits"] is None and record["job"] == str(job.code)
-    entry = LibraryModel.objects.get(path=str(out))
+    entry = smollm2_import.entries[str(out)]  # the row the job's closing library scan wrote
     assert entry.is_mlx and entry.loadable and entry.has_chat_template
     assert entry.model_id == "smollm2"
     assert not [p for p in library.iterdir() if p.name.startswith(".")]
@@ -231,15 +222,21 @@ def test_it_will_not_overwrite_an_existing_model(library: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_it_imports_gemma3_requantized_to_4_bits_and_validates_it(
-    library: Path, gemma3_gguf: Path
+    gemma3_import: SessionImport, library_of: Any
 ) -> None:
-    source = place(gemma3_gguf, library / "gguf")
-
-    job = import_job(source, "gemma3-4bit", bits=4, group_size=64)
+    # The session's import (tests/conftest.py), whose folder the evaluation tests measure too.
+    job = gemma3_import.job
+    assert job.params == {
+        "source": str(gemma3_import.source),
+        "name": "gemma3-4bit",
+        "bits": 4,
+        "group_size": 64,
+    }
 
     assert job.state == ModelJob.State.SUCCEEDED, job.error
     assert job.result["architecture"] == "gemma3" and job.result["bits"] == 4
     assert "re-quantized" in job.result["stored"] and "Q4_K" in job.result["stored"]
+    library = library_of(gemma3_import)
     config = json.loads((library / "gemma3-4bit" / "config.json").read_text())
     assert config["model_type"] == "gemma3_text"
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64

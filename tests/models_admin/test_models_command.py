@@ -16,8 +16,7 @@ from django.core.management import CommandError, call_command
 from mlxweb.config import BASE_DIR
 from models_admin.models import ModelJob
 from tests.support.fake_hub import TINY_REPO, FakeHub
-
-from .test_import_gguf_service import place
+from tests.support.gguf_imports import place
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -11,8 +11,7 @@ import pytest
 
 from models_admin import services
 from models_admin.models import ModelJob
-
-from .test_import_gguf_service import import_job, place
+from tests.support.gguf_imports import SessionImport
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,10 +25,11 @@ def validate_job(source: Path, **options: Any) -> ModelJob:
 # Slow on a CPU: MLX's quantized matmul runs a 200-token forward pass of SmolLM2 in ~30 s.
 @pytest.mark.slow
 def test_it_finds_an_imported_q4_1_model_identical_to_its_dequantized_gguf(
-    library: Path, smollm2_gguf: Path
+    smollm2_import: SessionImport, library_of: Any
 ) -> None:
-    source = place(smollm2_gguf, library / "gguf")
-    imported = import_job(source, "smollm2")
+    # The session's import of SmolLM2 by the `import_gguf` job (tests/conftest.py).
+    library = library_of(smollm2_import)
+    source, imported = smollm2_import.source, smollm2_import.job
     assert imported.state == ModelJob.State.SUCCEEDED, imported.error
 
     job = validate_job(library / "smollm2", n_tokens=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 
 class RecordingProgress:
@@ -46,3 +47,30 @@ class RecordingProgress:
     @property
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.steps) >= self.cancel_after
+
+
+class ForwardingProgress(RecordingProgress):
+    """Records every call like RecordingProgress and passes it on to `to`, whose cancel flag it
+    reports: a copy of what a long operation tells the progress it was given."""
+
+    def __init__(self, to: Any, steps: list[tuple[str, int, int]]):
+        super().__init__(steps)
+        self.to = to
+
+    def step(
+        self, text: str, *, total: int | None = None, done: int = 0, unit: str = "steps"
+    ) -> None:
+        super().step(text, total=total, done=done, unit=unit)
+        self.to.step(text, total=total, done=done, unit=unit)
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        self.to.advance(n)
+
+    def log(self, line: str) -> None:
+        super().log(line)
+        self.to.log(line)
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.to.cancelled)

@@ -21,16 +21,6 @@ QType = gguf.GGMLQuantizationType
 PARIS_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path) -> GGUFModel:
-    return read_gguf(smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
-def smollm2_built(smollm2: GGUFModel) -> tuple[Any, Any]:
-    return build_model(smollm2)
-
-
 def _greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     from mlx_lm.generate import generate_step
 
@@ -66,9 +56,9 @@ def _write_gguf(
 # --------------------------------------------------------------------------- the real model
 
 
-def test_it_reads_the_hyperparameters_into_an_mlx_lm_config(smollm2: GGUFModel) -> None:
-    config = smollm2.config
-    assert smollm2.architecture == "llama"
+def test_it_reads_the_hyperparameters_into_an_mlx_lm_config(smollm2_in_memory: GGUFModel) -> None:
+    config = smollm2_in_memory.config
+    assert smollm2_in_memory.architecture == "llama"
     assert config["model_type"] == "llama"
     assert config["hidden_size"] == 576
     assert config["num_hidden_layers"] == 30
@@ -86,8 +76,8 @@ def test_it_reads_the_hyperparameters_into_an_mlx_lm_config(smollm2: GGUFModel) 
     assert quantization["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}
 
 
-def test_it_maps_every_tensor_to_an_mlx_lm_name(smollm2: GGUFModel) -> None:
-    weights = smollm2.weights
+def test_it_maps_every_tensor_to_an_mlx_lm_name(smollm2_in_memory: GGUFModel) -> None:
+    weights = smollm2_in_memory.weights
     assert not [name for name in weights if not name.startswith("model.")]
     q = "model.layers.0.self_attn.q_proj"
     assert weights[f"{q}.weight"].dtype == mx.uint32
@@ -99,8 +89,8 @@ def test_it_maps_every_tensor_to_an_mlx_lm_name(smollm2: GGUFModel) -> None:
     assert weights["model.norm.weight"].shape == (576,)
 
 
-def test_it_builds_the_tokenizer_from_metadata(smollm2: GGUFModel) -> None:
-    tokenizer = smollm2.tokenizer
+def test_it_builds_the_tokenizer_from_metadata(smollm2_in_memory: GGUFModel) -> None:
+    tokenizer = smollm2_in_memory.tokenizer
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
     text = "Héllo wörld: 你好 🎉, it's 12345!"
@@ -110,7 +100,7 @@ def test_it_builds_the_tokenizer_from_metadata(smollm2: GGUFModel) -> None:
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("2024")) == ["2", "0", "2", "4"]
     # Control tokens are single special tokens, never split into pieces.
     assert tokenizer.encode("<|im_start|>user") == [1, 4093]
-    assert smollm2.chat_template and "<|im_start|>" in smollm2.chat_template
+    assert smollm2_in_memory.chat_template and "<|im_start|>" in smollm2_in_memory.chat_template
 
 
 def test_it_answers_greedily_in_memory(smollm2_built: tuple[Any, Any]) -> None:
@@ -123,11 +113,11 @@ def test_it_answers_greedily_in_memory(smollm2_built: tuple[Any, Any]) -> None:
 
 
 def test_it_saves_a_directory_that_mlx_lm_loads_to_the_same_tokens(
-    smollm2: GGUFModel, smollm2_built: tuple[Any, Any], tmp_path: Path
+    smollm2_in_memory: GGUFModel, smollm2_built: tuple[Any, Any], tmp_path: Path
 ) -> None:
     from mlx_lm import load
 
-    out = save_mlx_dir(smollm2, tmp_path / "smollm2")
+    out = save_mlx_dir(smollm2_in_memory, tmp_path / "smollm2")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging renamed away
     loaded_model, loaded_tokenizer = cast(tuple[Any, Any], load(str(out)))

@@ -15,7 +15,6 @@ from gguf.quants import quantize
 
 from inference.weights.convert import (
     PROVENANCE_FILE,
-    ImportResult,
     build_model,
     import_gguf,
     read_gguf,
@@ -31,6 +30,7 @@ from inference.weights.gguf import (
 from inference.weights.progress import ConversionCancelled
 from inference.weights.quantize import affine_quantize, quantization_importance
 from tests.inference.weights.test_gguf import PARIS_PROMPT, _tokenizer_metadata, _write_gguf
+from tests.support.gguf_imports import SessionImport
 from tests.support.progress import RecordingProgress
 
 QType = gguf.GGMLQuantizationType
@@ -46,27 +46,21 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-@pytest.fixture(scope="module")
-def smollm2_import(
-    smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ImportResult, list[tuple[str, int, int]]]:
-    steps: list[tuple[str, int, int]] = []
-    out = tmp_path_factory.mktemp("import") / "smollm2"
-    result = import_gguf(smollm2_gguf, out, progress=RecordingProgress(steps))
-    return result, steps
-
-
 # --------------------------------------------------------------------------- the real model
 
 
+# SmolLM2's import is the session's (tests/conftest.py): the `import_gguf` job's, whose call
+# of `import_gguf` is what these tests look at.
+
+
 def test_it_imports_smollm2_to_a_directory_that_answers_like_the_in_memory_model(
-    smollm2_import: tuple[ImportResult, list[tuple[str, int, int]]], smollm2_gguf: Path
+    smollm2_import: SessionImport, smollm2_built: tuple[Any, Any]
 ) -> None:
     from mlx_lm import load
 
-    result, _ = smollm2_import
+    result = smollm2_import.result
     loaded_model, loaded_tokenizer = cast(tuple[Any, Any], load(str(result.out_dir)))
-    model, tokenizer = build_model(read_gguf(smollm2_gguf))
+    model, tokenizer = smollm2_built
 
     prompt = tokenizer.apply_chat_template(PARIS_PROMPT, add_generation_prompt=True)
     assert loaded_tokenizer.apply_chat_template(PARIS_PROMPT, add_generation_prompt=True) == prompt
@@ -77,9 +71,9 @@ def test_it_imports_smollm2_to_a_directory_that_answers_like_the_in_memory_model
 
 
 def test_it_keeps_q4_1_and_q8_0_blocks_and_reports_what_it_did(
-    smollm2_import: tuple[ImportResult, list[tuple[str, int, int]]], smollm2_gguf: Path
+    smollm2_import: SessionImport, smollm2_gguf: Path
 ) -> None:
-    result, _ = smollm2_import
+    result = smollm2_import.result
     assert result.architecture == "llama" and result.model_type == "llama"
     assert result.quantization["kept"] == {"Q4_1": 210, "Q8_0": 1}
     assert result.quantization["requantized"]["tensors"] == 0
@@ -109,18 +103,16 @@ def test_it_keeps_q4_1_and_q8_0_blocks_and_reports_what_it_did(
 
 
 def test_it_reports_progress_tensor_by_tensor_then_the_save(
-    smollm2_import: tuple[ImportResult, list[tuple[str, int, int]]],
+    smollm2_import: SessionImport,
 ) -> None:
-    _, steps = smollm2_import
+    steps = smollm2_import.steps
     tensors = [(done, total) for step, done, total in steps if step == "tensors"]
     assert tensors[0] == (0, 272) and tensors[-1] == (272, 272)
     assert [done for done, _ in tensors] == list(range(273))
     assert steps[-2:] == [("save", 0, 1), ("save", 1, 1)]
 
 
-def test_it_refuses_an_existing_directory_unless_told_to_overwrite(
-    smollm2_import: tuple[ImportResult, list[tuple[str, int, int]]], tmp_path: Path
-) -> None:
+def test_it_refuses_an_existing_directory_unless_told_to_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
