@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 
 from inference.config import ModelConfig
 from inference.weights.inspect import find_models
+from inference.weights.sentence import is_sentence_transformer_dir
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class ModelSpec:
     chat_template: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     configured: bool = True
+    # What the model is for: "generate" (chat, completions) or "embed" (sentence vectors).
+    task: Literal["generate", "embed"] = "generate"
 
     def local_path(self) -> Path | None:
         """The file or directory holding the weights, or None if they are not here."""
@@ -85,6 +88,7 @@ def _spec_from_config(model: ModelConfig, models_dir: Path) -> ModelSpec:
         "context_length": model.context_length,
         "chat_template": model.chat_template,
         "sampling": model.sampling.model_dump(exclude_none=True),
+        "task": model.task,
     }
     if source.kind == "gguf":
         assert source.gguf is not None
@@ -112,6 +116,8 @@ def _spec_from_dir(path: Path) -> ModelSpec | None:
         path=path,
         context_length=int(context),
         configured=False,
+        # A folder sentence-transformers saved is an embedding model.
+        task="embed" if is_sentence_transformer_dir(path) else "generate",
     )
 
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+    from inference.embeddings import SentenceEmbedder
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,6 +73,33 @@ def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
         time.perf_counter() - started,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, context_length=context, spec=spec)
+
+
+def load_embedder(spec: ModelSpec) -> SentenceEmbedder:
+    """Load the embedding model a spec names (a sentence-transformers folder), its length
+    limit capped by the spec's context length. Raises `ModelLoadError` with a clear message."""
+    from inference.embeddings import load_sentence_embedder
+    from inference.weights.sentence import SentenceModelError
+
+    started = time.perf_counter()
+    if spec.task != "embed":
+        raise ModelLoadError(f"model {spec.id!r} is not an embedding model")
+    source = spec.local_path()
+    if source is None:
+        raise ModelLoadError(_missing_message(spec))
+    try:
+        embedder = load_sentence_embedder(source, max_length=spec.context_length)
+    except (SentenceModelError, OSError, ValueError) as e:
+        raise ModelLoadError(f"model {spec.id!r}: cannot load {source}: {e}") from e
+    logger.info(
+        "loaded embedding model %s from %s in %.1fs (max %d tokens, %s pooling)",
+        spec.id,
+        source,
+        time.perf_counter() - started,
+        embedder.max_length,
+        embedder.pipeline.pooling,
+    )
+    return embedder
 
 
 def float32_bytes(model: nn.Module) -> int:
