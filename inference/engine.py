@@ -4,6 +4,8 @@ Since mlx 0.31.2 a stream belongs to the thread that made it, so one dedicated t
 models, holds their KV caches and runs every evaluation. Other threads only put plain values on
 its queue (`submit`, `cancel`, `load`, `stop`) and hear back through the `emit` callback of each
 request, which the engine thread calls with `Started`, `Delta` and `Finished` events.
+Embedding requests (`embed`) are computed on the same thread, a batch of texts at a time
+between generation steps, and answered through their `reply` callback.
 
 Each loaded model has one mlx-lm `BatchGenerator`: a request that arrives while others decode is
 inserted into the running batch, so concurrent chats stream at the same time. The engine adds
@@ -16,24 +18,28 @@ request, model or batch step ends only the requests it touches).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inference.catalogue import Catalogue, ModelSpec, UnknownModel
+from inference.parsing import OutputFormat
 from inference.schemas import GenerationParams
 
 if TYPE_CHECKING:
     import mlx.core as mx
+    import numpy as np
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import LRUPromptCache
 
+    from inference.embeddings import SentenceEmbedder
     from inference.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -51,8 +57,12 @@ class GenerationRequest:
 
     id: str  # the Generation row's code, as str
     model_id: str
-    messages: list[dict[str, str]]  # {"role", "content"}; system first if any
+    # {"role", "content"} and, for tool use, "tool_calls" / "tool_call_id" / "name"; system
+    # first if any. Empty when `prompt_text` is given.
+    messages: list[dict[str, Any]]
     params: GenerationParams
+    # A raw prompt (completions): tokenized as it is, without the chat template.
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,15 +73,22 @@ class Started:
     prompt_tokens: int
     cached_tokens: int
     trimmed_messages: int
+    # How the model marks reasoning and tool calls, for inference.parsing.
+    output: OutputFormat = field(default_factory=OutputFormat)
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New reply text; `tokens` counts the completion tokens so far."""
+    """New reply text; `tokens` counts the completion tokens so far.
+
+    `logprobs` (only when the request asked) has one entry per token since the previous
+    delta: {"token", "bytes", "logprob", "top_logprobs": [{"token", "bytes", "logprob"}]}.
+    """
 
     request_id: str
     text: str
     tokens: int
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,29 @@ class Finished:
 
 EngineEvent = Started | Delta | Finished
 Emit = Callable[[EngineEvent], None]
+
+# Embedding models kept in memory besides the generation models (they are small: tens of MB).
+MAX_LOADED_EMBEDDERS = 2
+# Texts an embedding model encodes in one step between generation steps.
+EMBED_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """The answer to `Engine.embed`: one vector per text, in order, or an error.
+
+    `kind` says what went wrong: "unknown_model", "not_embedding" (a generation model),
+    "unavailable" (weights not on this machine) or "error" (loading or computing failed,
+    the engine stopped); "" on success.
+    """
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    error: str = ""
+    kind: str = ""
+
+
+EmbeddingReply = Callable[[EmbeddingResult], None]
 
 
 # --------------------------------------------------------------------------- commands
@@ -118,6 +158,30 @@ class _Stop:
     pass
 
 
+@dataclass(frozen=True)
+class _Embed:
+    model_id: str
+    texts: tuple[str, ...]
+    reply: EmbeddingReply
+
+
+@dataclass(eq=False)
+class _EmbedJob:
+    """An embedding request being computed, one batch of texts per engine step."""
+
+    command: _Embed
+    embedder: SentenceEmbedder
+    encoded: list[list[int]]
+    batches: deque[list[int]]
+    vectors: np.ndarray
+
+
+class _EmbedRefused(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass
 class _Pending:
     """A submitted request waiting for its model (and a free model slot)."""
@@ -141,7 +205,13 @@ class _Slot:
     generator: BatchGenerator
     prompt_cache: LRUPromptCache | None
     stop_tokens: Any  # mlx_lm StopSequences over the EOS ids
+    output: OutputFormat = field(default_factory=OutputFormat)
     active: dict[int, _Active] = field(default_factory=dict)
+    # Built on first use: llguidance's tokenizer, each token's text and bytes for logprobs,
+    # whether the chat template renders tools itself.
+    constraint_tokenizer: Any = None
+    token_pieces: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+    template_tools: bool | None = None
 
 
 @dataclass(eq=False)
@@ -157,6 +227,8 @@ class _Active:
     prompt_tokens: int
     started_at: float
     held: str = ""  # text that may be the start of a stop string
+    top_logprobs: int = -1  # -1: no logprobs asked for
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # not yet emitted
     tokens: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -206,6 +278,11 @@ class Engine:
         self._by_id: dict[str, _Active] = {}
         self._samplers: dict[tuple[float, float, float, int], Any] = {}
         self._stream: mx.Stream | None = None
+        # What is loaded, for status pages: replaced (never mutated) by the engine thread, so
+        # any thread may read it.
+        self._loaded_info: tuple[dict[str, Any], ...] = ()
+        self._embedders: OrderedDict[str, SentenceEmbedder] = OrderedDict()  # LRU first
+        self._embed_jobs: deque[_EmbedJob] = deque()
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -262,6 +339,38 @@ class Engine:
         if command.error is not None:
             raise command.error
 
+    def loaded_models(self) -> list[dict[str, Any]]:
+        """The models in memory: {"model_id", "bytes", "loaded_at" (epoch seconds)} each."""
+        return [dict(info) for info in self._loaded_info]
+
+    def embed(self, model_id: str, texts: list[str], reply: EmbeddingReply) -> None:
+        """Compute sentence vectors of `texts` with an embedding model; `reply` hears the
+        `EmbeddingResult` once, from the engine thread (at once from the calling thread if the
+        engine is not running).
+
+        Inputs longer than the model's maximum length are truncated, as sentence-transformers
+        does. The texts are computed a batch at a time between generation steps, so a long
+        request does not stall the chats that are streaming.
+        """
+        command = _Embed(model_id, tuple(texts), reply)
+        with self._lock:
+            if self._state == "running":
+                self._inbox.put(command)
+                return
+            state = self._state
+        _safe_reply(reply, EmbeddingResult([], 0, error=f"engine is {state}", kind="error"))
+
+    def embed_wait(
+        self, model_id: str, texts: list[str], timeout: float = 120.0
+    ) -> EmbeddingResult:
+        """`embed`, waiting for the result (from any thread but the engine's)."""
+        answers: queue.SimpleQueue[EmbeddingResult] = queue.SimpleQueue()
+        self.embed(model_id, texts, answers.put)
+        try:
+            return answers.get(timeout=timeout)
+        except queue.Empty:
+            return EmbeddingResult([], 0, error=f"no result within {timeout:.0f}s", kind="error")
+
     @property
     def alive(self) -> bool:
         thread = self._thread
@@ -281,6 +390,7 @@ class Engine:
                 for slot in list(self._slots.values()):
                     if slot.active:
                         self._step(slot)
+                self._embed_step()
         except BaseException as e:
             logger.exception("engine thread died")
             self._shutdown("dead", "error", f"engine crashed: {type(e).__name__}: {e}")
@@ -295,7 +405,7 @@ class Engine:
             mx.clear_streams()
 
     def _busy(self) -> bool:
-        return any(slot.active for slot in self._slots.values())
+        return bool(self._embed_jobs) or any(slot.active for slot in self._slots.values())
 
     def _handle_commands(self, *, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once told to stop."""
@@ -312,6 +422,8 @@ class Engine:
                 self._on_cancel(command.request_id)
             elif isinstance(command, _Load):
                 self._on_load(command)
+            elif isinstance(command, _Embed):
+                self._on_embed(command)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
@@ -334,6 +446,10 @@ class Engine:
                 logger.info("request %s: %s", request.id, e)
                 _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=str(e)))
                 return
+            if spec.task != "generate":
+                message = f"model {spec.id!r} is an embedding model: it does not generate text"
+                _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=message))
+                return
         self._pending.append(_Pending(submit, spec))
 
     def _on_cancel(self, request_id: str) -> None:
@@ -352,6 +468,10 @@ class Engine:
         try:
             if command.model_id in self._slots:
                 self._slots.move_to_end(command.model_id)
+            elif command.model_id in self._embedders or (
+                self.catalogue.get(command.model_id).task == "embed"
+            ):
+                self._embedder_for(command.model_id)
             elif not self._can_load():
                 raise RuntimeError(
                     f"cannot load {command.model_id!r}: every loaded model is serving requests"
@@ -374,13 +494,16 @@ class Engine:
         from mlx_lm.generate import StopSequences
         from mlx_lm.models.cache import LRUPromptCache
 
+        from inference import metrics
         from inference.loader import load_model, use_float32_on_cpu
 
         while len(self._slots) >= self.max_loaded_models:
             idle = next(mid for mid, slot in self._slots.items() if not slot.active)
             self._unload(idle)
+        began = time.perf_counter()
         loaded = load_model(spec, self.converted_dir)
         use_float32_on_cpu(loaded, self.cpu_float32_max_bytes)
+        metrics.model_loaded(spec.id, time.perf_counter() - began)
         prompt_cache = None
         if self.prompt_cache_entries > 0 and self.prompt_cache_bytes > 0:
             prompt_cache = LRUPromptCache(
@@ -394,8 +517,13 @@ class Engine:
             generator=self._new_generator(loaded),
             prompt_cache=prompt_cache,
             stop_tokens=StopSequences([(t,) for t in eos]),
+            output=OutputFormat.for_tokenizer(loaded.tokenizer),
         )
         self._slots[spec.id] = slot
+        self._loaded_info = (
+            *self._loaded_info,
+            {"model_id": spec.id, "bytes": _model_bytes(loaded.model), "loaded_at": time.time()},
+        )
         return slot
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
@@ -414,6 +542,7 @@ class Engine:
         import mlx.core as mx
 
         slot = self._slots.pop(model_id)
+        self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != model_id)
         slot.generator.close()
         del slot
         gc.collect()
@@ -451,13 +580,9 @@ class Engine:
         request, params = submit.request, submit.request.params
         try:
             prompt, trimmed, max_tokens = self._prompt(slot, request)
+            processors = self._processors(slot, params)
             cache, rest = self._cached_prefix(slot, prompt)
             cached = len(prompt) - len(rest)
-            processors = []
-            if params.repetition_penalty != 1.0:
-                from mlx_lm.sample_utils import make_logits_processors
-
-                processors = make_logits_processors(repetition_penalty=params.repetition_penalty)
             (uid,) = slot.generator.insert(
                 [rest],
                 max_tokens=[max_tokens],
@@ -485,6 +610,7 @@ class Engine:
             stop=tuple(params.stop),
             prompt_tokens=len(prompt),
             started_at=time.perf_counter(),
+            top_logprobs=params.top_logprobs if params.logprobs else -1,
         )
         slot.active[uid] = active
         self._by_id[request.id] = active
@@ -497,8 +623,11 @@ class Engine:
             trimmed,
             max_tokens,
         )
+        output = slot.output
+        if output.think_start and _opens_reasoning(slot, prompt):
+            output = replace(output, starts_in_reasoning=True)
         try:
-            active.emit(Started(request.id, len(prompt), cached, trimmed))
+            active.emit(Started(request.id, len(prompt), cached, trimmed, output))
         except Exception as e:
             logger.exception("request %s: event handler failed", request.id)
             self._finish(active, "error", error=f"event handler failed: {_describe(e)}")
@@ -509,12 +638,31 @@ class Engine:
         wanted = min(request.params.max_tokens, self.max_new_tokens)
         limit = min(self.max_prompt_tokens, max(context - wanted, context // MIN_PROMPT_SHARE))
         tokenizer = slot.loaded.tokenizer
-        messages = [dict(m) for m in request.messages]
+        if request.prompt_text is not None:
+            # A raw completion prompt is the caller's own text: never trimmed.
+            prompt = list(tokenizer.encode(request.prompt_text))
+            if len(prompt) > limit:
+                raise _PromptTooLong(
+                    f"prompt too long: {len(prompt)} tokens, limit {limit}", len(prompt)
+                )
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, 0, max(1, min(wanted, context - len(prompt)))
+        params = request.params
+        tools = [t.as_template_tool() for t in params.tools] if params.uses_tools else []
+        if tools and slot.template_tools is None:
+            slot.template_tools = _template_renders_tools(tokenizer)
+        messages = _template_messages(
+            request.messages,
+            tools=tools,
+            native_tools=bool(slot.template_tools),
+            developer=_template_knows(tokenizer, "developer"),
+        )
         system = messages[:1] if messages and messages[0].get("role") == "system" else []
         turns = messages[len(system) :]
         trimmed = 0
         while True:
-            prompt = _template(tokenizer, system + turns)
+            prompt = _template(tokenizer, system + turns, tools if slot.template_tools else None)
             if len(prompt) <= limit:
                 break
             # Drop the oldest whole turn: everything before the second user message.
@@ -528,6 +676,40 @@ class Engine:
         if not prompt:
             raise ValueError("the prompt is empty")
         return prompt, trimmed, max(1, min(wanted, context - len(prompt)))
+
+    def _processors(self, slot: _Slot, params: GenerationParams) -> list[Any]:
+        """The request's own logits processors: penalties, logit bias, its grammar."""
+        processors: list[Any] = []
+        vocab_size = _vocab_size(slot.loaded)
+        if params.logit_bias:
+            bad = sorted(t for t in params.logit_bias if t >= vocab_size)
+            if bad:
+                raise ValueError(
+                    f"logit_bias: token id {bad[0]} is not in the vocabulary (0..{vocab_size - 1})"
+                )
+        if params.repetition_penalty != 1.0 or params.logit_bias:
+            from mlx_lm.sample_utils import make_logits_processors
+
+            processors += make_logits_processors(
+                logit_bias=dict(params.logit_bias) or None,
+                repetition_penalty=params.repetition_penalty,
+            )
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_OccurrencePenalty(params.presence_penalty, params.frequency_penalty))
+        from inference import constraints
+
+        grammar = constraints.grammar_for(params)
+        if grammar is not None:
+            eos = sorted(slot.loaded.tokenizer.eos_token_ids)
+            if slot.constraint_tokenizer is None:
+                hf_tokenizer = getattr(slot.loaded.tokenizer, "_tokenizer", None)
+                slot.constraint_tokenizer = constraints.constraint_tokenizer(
+                    hf_tokenizer, vocab_size=vocab_size, eos_ids=eos
+                )
+            matcher = constraints.new_matcher(slot.constraint_tokenizer, grammar)
+            # Last, so the bias and penalties cannot bring back a token the grammar forbids.
+            processors.append(constraints.GrammarProcessor(matcher, vocab_size, eos))
+        return processors
 
     def _cached_prefix(self, slot: _Slot, prompt: list[int]) -> tuple[Any, list[int]]:
         """A copy of the longest cached KV prefix of `prompt` and the tokens still to prefill."""
@@ -609,6 +791,8 @@ class Engine:
         active.last_token_at = now
         reason = response.finish_reason
         detokenizer = active.detokenizer
+        if active.top_logprobs >= 0 and reason != "stop":
+            active.logprobs.append(_token_logprobs(active, response))
         if reason == "stop":
             # An end-of-sequence token: it ends the reply but is no part of its text.
             detokenizer.finalize()
@@ -631,7 +815,7 @@ class Engine:
         whether it is, so no part of a stop string is ever emitted.
         """
         if not active.stop:
-            active.emit(Delta(active.request.id, text, active.tokens))
+            self._emit_text(active, text)
             return False
         pending = active.held + text
         found = [i for i in (pending.find(s) for s in active.stop) if i >= 0]
@@ -639,13 +823,20 @@ class Engine:
             cut = min(found)
             active.held = ""
             if cut:
-                active.emit(Delta(active.request.id, pending[:cut], active.tokens))
+                self._emit_text(active, pending[:cut])
             return True
         keep = 0 if final else _partial_stop_length(pending, active.stop)
         out, active.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         if out:
-            active.emit(Delta(active.request.id, out, active.tokens))
+            self._emit_text(active, out)
         return False
+
+    def _emit_text(self, active: _Active, text: str) -> None:
+        """A Delta with `text` and the logprobs of the tokens read since the last one."""
+        logprobs = None
+        if active.top_logprobs >= 0:
+            logprobs, active.logprobs = active.logprobs, []
+        active.emit(Delta(active.request.id, text, active.tokens, logprobs))
 
     def _finish(
         self,
@@ -694,6 +885,10 @@ class Engine:
             except Exception:
                 logger.exception("request %s: could not keep its prompt cache", request_id)
 
+        if active.logprobs and reason != "error":
+            # Logprobs of tokens whose text never came out (held back, cut at a stop string).
+            _safe_emit(active.emit, Delta(request_id, "", active.tokens, active.logprobs))
+            active.logprobs = []
         _safe_emit(
             active.emit,
             Finished(request_id, reason, active.prompt_tokens, active.tokens, error=error),
@@ -707,6 +902,96 @@ class Engine:
             f" ({error})" if error else "",
             active.tokens,
             rate,
+        )
+
+    # ------------------------------------------------------------------ embeddings
+
+    def _on_embed(self, command: _Embed) -> None:
+        import numpy as np
+
+        try:
+            embedder = self._embedder_for(command.model_id)
+            encoded = embedder.encode(command.texts)
+        except _EmbedRefused as e:
+            logger.info("embedding request for %s refused: %s", command.model_id, e)
+            _safe_reply(command.reply, EmbeddingResult([], 0, error=str(e), kind=e.kind))
+            return
+        except Exception as e:
+            logger.exception("embedding request for %s failed", command.model_id)
+            _safe_reply(command.reply, EmbeddingResult([], 0, error=_describe(e), kind="error"))
+            return
+        job = _EmbedJob(
+            command=command,
+            embedder=embedder,
+            encoded=encoded,
+            batches=deque(embedder.plan(encoded, EMBED_BATCH_SIZE)),
+            vectors=np.zeros((len(encoded), embedder.dimension), dtype=np.float32),
+        )
+        if job.batches:
+            self._embed_jobs.append(job)
+        else:
+            self._embed_done(job)
+
+    def _embedder_for(self, model_id: str) -> SentenceEmbedder:
+        """The loaded embedding model `model_id`, loaded now if need be (on this thread)."""
+        from inference import metrics
+        from inference.loader import ModelLoadError, load_embedder
+
+        embedder = self._embedders.get(model_id)
+        if embedder is not None:
+            self._embedders.move_to_end(model_id)
+            return embedder
+        try:
+            spec = self.catalogue.get(model_id)
+        except UnknownModel as e:
+            raise _EmbedRefused("unknown_model", str(e)) from e
+        if spec.task != "embed":
+            raise _EmbedRefused("not_embedding", f"model {model_id!r} is not an embedding model")
+        if not spec.is_available:
+            raise _EmbedRefused("unavailable", f"model {model_id!r}: its weights are not here")
+        while len(self._embedders) >= MAX_LOADED_EMBEDDERS:
+            # A job still running keeps its own reference: evicting only forgets the model.
+            evicted, _ = self._embedders.popitem(last=False)
+            self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != evicted)
+            logger.info("unloaded embedding model %s", evicted)
+        began = time.perf_counter()
+        try:
+            embedder = load_embedder(spec)
+        except ModelLoadError as e:
+            raise _EmbedRefused("error", str(e)) from e
+        metrics.model_loaded(spec.id, time.perf_counter() - began)
+        self._embedders[model_id] = embedder
+        info = {
+            "model_id": spec.id,
+            "bytes": _model_bytes(embedder.model),
+            "loaded_at": time.time(),
+        }
+        self._loaded_info = (*self._loaded_info, info)
+        return embedder
+
+    def _embed_step(self) -> None:
+        """Compute one batch of the embedding request whose turn it is (round robin)."""
+        if not self._embed_jobs:
+            return
+        job = self._embed_jobs.popleft()
+        indices = job.batches.popleft()
+        try:
+            job.vectors[indices] = job.embedder.run([job.encoded[i] for i in indices])
+        except Exception as e:
+            logger.exception("embedding request for %s failed", job.command.model_id)
+            failed = EmbeddingResult([], 0, error=f"embedding failed: {_describe(e)}", kind="error")
+            _safe_reply(job.command.reply, failed)
+            return
+        if job.batches:
+            self._embed_jobs.append(job)
+        else:
+            self._embed_done(job)
+
+    def _embed_done(self, job: _EmbedJob) -> None:
+        tokens = sum(len(ids) for ids in job.encoded)
+        _safe_reply(job.command.reply, EmbeddingResult(job.vectors.tolist(), tokens))
+        logger.info(
+            "embedded %d text(s) with %s: %d tokens", len(job.encoded), job.command.model_id, tokens
         )
 
     # ------------------------------------------------------------------ shutdown
@@ -735,12 +1020,18 @@ class Engine:
                 leftovers.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        leftovers.extend(job.command for job in self._embed_jobs)
+        self._embed_jobs.clear()
         for command in leftovers:
             if isinstance(command, _Submit):
                 _safe_emit(command.emit, Finished(command.request.id, reason, 0, 0, error=error))
             elif isinstance(command, _Load):
                 command.error = RuntimeError(f"engine is {state}")
                 command.done.set()
+            elif isinstance(command, _Embed):
+                stopped = EmbeddingResult([], 0, error=error or f"engine is {state}", kind="error")
+                _safe_reply(command.reply, stopped)
+        self._embedders.clear()
         try:
             for model_id in list(self._slots):
                 self._unload(model_id)
@@ -754,12 +1045,244 @@ class Engine:
 # --------------------------------------------------------------------------- helpers
 
 
-def _template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def _template(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     if getattr(tokenizer, "has_chat_template", False):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     # A base model without a template: a plain transcript it can continue.
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return list(tokenizer.encode(text))
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_tool_7f3a",
+        "description": "",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+
+
+def _template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template shows a `tools=` list to the model (many do not)."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        return False
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        with_tools = tokenizer.apply_chat_template(
+            probe, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:
+        return False
+    return "probe_tool_7f3a" in str(with_tools)
+
+
+def _template_knows(tokenizer: Any, role: str) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and (f"'{role}'" in template or f'"{role}"' in template)
+
+
+# For templates that do not render tools: the Hermes / Qwen convention, which
+# inference.parsing reads back and the forced-call grammar writes.
+TOOLS_PROMPT = (
+    "You may call one or more functions to assist with the user query. The functions are "
+    "described in JSON inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
+    "To call a function, answer with a JSON object holding its name and arguments inside "
+    '<tool_call></tool_call> tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
+    "<args-json-object>}}\n</tool_call>"
+)
+
+
+def _template_messages(
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]],
+    native_tools: bool,
+    developer: bool,
+) -> list[dict[str, Any]]:
+    """Stored messages in the form the chat template takes.
+
+    Assistant tool calls become OpenAI-shaped `tool_calls` (arguments as a value, as templates
+    expect) and tool results `tool` messages when the template renders tools; otherwise both
+    are written out in the Hermes convention and the tools go into the system message.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role", "user")
+        content = message.get("content", "")
+        if role == "developer" and not developer:
+            role = "system"
+        calls = message.get("tool_calls") or []
+        if role == "assistant" and calls:
+            if native_tools:
+                out.append(
+                    {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [
+                            {
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {
+                                    "name": call["name"],
+                                    "arguments": _json_value(call.get("arguments", "{}")),
+                                },
+                            }
+                            for call in calls
+                        ],
+                    }
+                )
+            else:
+                written = "".join(
+                    "<tool_call>\n"
+                    + json.dumps(
+                        {"name": c["name"], "arguments": _json_value(c.get("arguments", "{}"))}
+                    )
+                    + "\n</tool_call>"
+                    for c in calls
+                )
+                out.append({"role": "assistant", "content": (content + "\n" + written).strip()})
+        elif role == "tool":
+            if native_tools:
+                entry = {"role": "tool", "content": content}
+                for key in ("tool_call_id", "name"):
+                    if message.get(key):
+                        entry[key] = message[key]
+                out.append(entry)
+            else:
+                text = f"<tool_response>\n{content}\n</tool_response>"
+                out.append({"role": "user", "content": text})
+        else:
+            out.append({"role": role, "content": content})
+    if tools and not native_tools:
+        listed = "\n".join(json.dumps(t) for t in tools)
+        prompt = TOOLS_PROMPT.format(tools=listed)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _json_value(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class _OccurrencePenalty:
+    """OpenAI's presence and frequency penalties over the tokens generated so far.
+
+    mlx-lm's own penalties look at the last 20 tokens of the context, prompt included; OpenAI's
+    count every token of the reply and none of the prompt. The first call sees the prompt
+    (ending with its last token), so what comes after that length is the reply.
+    """
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.prompt_length: int | None = None
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        import mlx.core as mx
+
+        if self.prompt_length is None:
+            self.prompt_length = int(tokens.shape[0])
+            return logits
+        reply = tokens[self.prompt_length :]
+        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[reply].add(1)
+        penalty = counts * self.frequency + (counts > 0).astype(logits.dtype) * self.presence
+        return logits - penalty[None, :]
+
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    """The width of the model's logits (may exceed the tokenizer's vocabulary)."""
+    args = getattr(loaded.model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    return int(size) if size else len(loaded.tokenizer)
+
+
+def _model_bytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    leaves: Any = tree_flatten(model.parameters())
+    return sum(int(value.nbytes) for _, value in leaves)
+
+
+def _opens_reasoning(slot: _Slot, prompt: list[int]) -> bool:
+    """Whether the templated prompt ends inside an open reasoning block (`<think>` added by
+    the template), so the reply starts as reasoning."""
+    start, end = slot.output.think_start, slot.output.think_end
+    tail = str(slot.loaded.tokenizer.decode(prompt[-8:]))
+    return start in tail and tail.rfind(start) > tail.rfind(end)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: each token character to its byte."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_DECODER = _bytes_to_unicode()
+
+
+def _token_piece(slot: _Slot, token: int) -> tuple[str, list[int]]:
+    """A token's own text and bytes (a token may hold part of a UTF-8 character)."""
+    piece = slot.token_pieces.get(token)
+    if piece is None:
+        tokenizer = slot.loaded.tokenizer
+        name = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(name, str) and name and all(c in _BYTE_DECODER for c in name):
+            data = bytes(_BYTE_DECODER[c] for c in name)
+        else:
+            data = str(tokenizer.decode([token])).encode()
+        piece = (data.decode("utf-8", errors="replace"), list(data))
+        slot.token_pieces[token] = piece
+    return piece
+
+
+def _token_logprobs(active: _Active, response: Any) -> dict[str, Any]:
+    """The sampled token's logprob and, when asked, the most likely tokens' (best first)."""
+    import mlx.core as mx
+    import numpy as np
+
+    slot, token = active.slot, int(response.token)
+    logprobs = response.logprobs
+    text, data = _token_piece(slot, token)
+    entry: dict[str, Any] = {
+        "token": text,
+        "bytes": data,
+        "logprob": float(logprobs[token].item()),
+        "top_logprobs": [],
+    }
+    k = active.top_logprobs
+    if k > 0:
+        values = np.asarray(logprobs.astype(mx.float32))
+        best = np.argpartition(-values, k - 1)[:k]
+        best = best[np.argsort(-values[best], kind="stable")]
+        for t in best.tolist():
+            t_text, t_data = _token_piece(slot, t)
+            entry["top_logprobs"].append(
+                {"token": t_text, "bytes": t_data, "logprob": float(values[t])}
+            )
+    return entry
 
 
 def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
@@ -798,6 +1321,13 @@ def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: i
         return mx.random.categorical(logprobs * inverse_temp, key=step_key)
 
     return sample
+
+
+def _safe_reply(reply: EmbeddingReply, result: EmbeddingResult) -> None:
+    try:
+        reply(result)
+    except Exception:
+        logger.exception("embedding reply handler failed")
 
 
 def _safe_emit(emit: Emit, event: EngineEvent) -> None:

@@ -25,6 +25,7 @@ from inference.engine import (
 from inference.schemas import GenerationParams
 from inference.testing import build_tiny_model
 from mlxweb.config import Config, ServerConfig
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,7 +99,7 @@ def engine(make_engine: Callable[..., Engine]) -> Engine:
 
 def ask(
     engine: Engine,
-    messages: list[dict[str, str]] = QUESTION,
+    messages: list[dict[str, Any]] = QUESTION,
     recorder: Recorder | None = None,
     model_id: str = "tiny",
     **params: Any,
@@ -114,7 +115,7 @@ def ask(
     return request_id, recorder
 
 
-def complete(engine: Engine, messages: list[dict[str, str]] = QUESTION, **params: Any) -> Recorder:
+def complete(engine: Engine, messages: list[dict[str, Any]] = QUESTION, **params: Any) -> Recorder:
     return ask(engine, messages, **params)[1].wait()
 
 
@@ -433,9 +434,7 @@ def test_it_finishes_everything_when_the_thread_dies(
     running.wait()
     assert running.finished.finish_reason == "error"
     assert "engine crashed" in running.finished.error
-    deadline = time.monotonic() + 10
-    while engine.alive and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not engine.alive, timeout=10, interval=0.01, what="the engine to die")
     assert not engine.alive
     late = ask(engine)[1].wait(5)
     assert late.finished.finish_reason == "error" and "dead" in late.finished.error
@@ -582,10 +581,17 @@ def test_it_serves_quantized_models_in_float32_on_the_cpu_within_the_budget(
 
 def test_it_waits_on_its_queue_when_idle(engine: Engine) -> None:
     complete(engine, max_tokens=3)
-    # Let a preloaded OpenBLAS's worker threads finish their post-call spin before measuring.
-    time.sleep(0.5)
+
+    # A preloaded OpenBLAS's worker threads spin for a moment after each call: measure once the
+    # process has gone quiet (a 50 ms stretch with under 5 ms of CPU), not after a fixed wait.
+    def quiet() -> bool:
+        before = time.process_time()
+        time.sleep(0.05)
+        return time.process_time() - before < 0.005
+
+    wait_until(quiet, timeout=10, interval=0, what="the process to go quiet after the reply")
     before = time.process_time()
-    time.sleep(0.5)
+    time.sleep(0.5)  # the stretch measured: an idle engine uses no CPU in it
     assert time.process_time() - before < 0.05
 
 
