@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import redis
 import websockets
 
 from tests.support.live import Browserless, Site, write_configs
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.timeout(300)]
 
@@ -129,7 +129,14 @@ def test_it_marks_a_reply_interrupted_when_its_worker_dies(scaled_site) -> None:
             async with asyncio.timeout(60):
                 while "beforeend:#reply-" not in str(await socket.recv()):
                     pass
-            await asyncio.sleep(1.0)  # past a flush of the text so far
+            # Killed once the worker has flushed some of the text to the row.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _generation_rows(db_url)[0][1],
+                timeout=60,
+                interval=0.05,
+                what="the reply's first flush",
+            )
             site.stop("worker", signal.SIGKILL)
 
     asyncio.run(start_reply_then_kill_worker())
@@ -138,9 +145,12 @@ def test_it_marks_a_reply_interrupted_when_its_worker_dies(scaled_site) -> None:
     flushed = text
 
     site.start("worker", "inference_worker", "--no-warm-up")  # ...until a worker starts
-    deadline = time.monotonic() + 60
-    while _generation_rows(db_url)[0][0] == "streaming" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(
+        lambda: _generation_rows(db_url)[0][0] != "streaming",
+        timeout=60,
+        interval=0.1,
+        what="the new worker to mark the reply",
+    )
     [(state, text, _)] = _generation_rows(db_url)
     assert state == "interrupted"
     assert text == flushed and text, "the text written before the crash was kept"
