@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,9 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
+from models_admin.progress import FLUSH_INTERVAL_SECONDS
 from tests.support.live import Site, write_configs
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(400)]
 
@@ -100,6 +105,105 @@ def _watch_job(page: Page, timeout_s: float) -> list[tuple[str, str, str, str]]:
     return seen
 
 
+def _job_worker_pid(site: Site) -> int:
+    """The site's job worker: the Celery process `manage.py serve` started as its child."""
+    web = site.processes["web"].pid
+
+    def find() -> int | None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                stat = (proc / "stat").read_text()
+                command = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == web and b"celery" in command and b"worker" in command:
+                return int(proc.name)
+        return None
+
+    return wait_until(find, timeout=60, what="the site's job worker")
+
+
+def _job_row(site: Site, code: str) -> tuple[str, int, int, str]:
+    """(state, done, total, heartbeat) of a job, read from the site's database."""
+    path = site.env["MLXWEB_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute(
+            "SELECT state, done, total, heartbeat_at FROM models_admin_modeljob WHERE code = ?",
+            [code.replace("-", "")],
+        ).fetchone()
+    assert row is not None, f"no job {code}"
+    return str(row[0]), int(row[1] or 0), int(row[2] or 0), str(row[3])
+
+
+def _shows(state: tuple[str, ...] | None, row: tuple[str, int, int, str]) -> bool:
+    """Whether the bar as the page shows it (BAR_STATE) is the job row's."""
+    if state is None or state[3].lower() != row[0]:
+        return False
+    width, percent = state[0], state[1]
+    if not row[2]:
+        return (width, percent) == ("100%", "")  # no total yet: the bar is full, moving
+    expected = 100.0 * row[1] / row[2]
+    try:
+        shown = [float(text.removesuffix("%")) for text in (width, percent)]
+    except ValueError:
+        return False
+    return all(abs(value - expected) <= 0.051 for value in shown)
+
+
+def _step_job(page: Page, site: Site, worker: int, code: str) -> list[tuple[str, str, str, str]]:
+    """Let the stopped job worker run in short slices until the page has shown the bar at a
+    place short of 100%; the states shown, in order.
+
+    The job's monitor copies its progress onto the row once a second (wall-clock). The worker
+    stays stopped until that copy is due, then runs a 0.1 s slice, in which the monitor
+    copies where the job stands; stopped again, the row holds still until the page shows it.
+    So the page sees the job every 0.1 s of its work, on a fast machine or a loaded one,
+    instead of whatever one-second samples happen to fall in a one-second import.
+    """
+    seen: list[tuple[str, str, str, str]] = []
+    heartbeat = ""
+    copied = time.monotonic()
+    deadline = copied + 180
+    while time.monotonic() < deadline:
+        time.sleep(max(0.0, copied + FLUSH_INTERVAL_SECONDS - time.monotonic()))
+        os.kill(worker, signal.SIGCONT)
+        time.sleep(0.1)  # the worker's slice
+        os.kill(worker, signal.SIGSTOP)
+        row = _job_row(site, code)
+        if row[3] == heartbeat:
+            continue  # the monitor did not get to copy in that slice: another one
+        heartbeat, copied = row[3], time.monotonic()
+
+        def shown(row: tuple[str, int, int, str] = row) -> tuple[str, str, str, str] | None:
+            state = _bar(page)
+            return state if _shows(state, row) else None
+
+        try:
+            state = wait_until(shown, timeout=5, what=f"the page to show the job at {row}")
+        except AssertionError:
+            # The worker may have stopped in the middle of a write the page's request waits
+            # for: let it run on and look again.
+            heartbeat = ""
+            continue
+        if not seen or state != seen[-1]:
+            seen.append(state)
+        state_name, done, total, _ = row
+        if state_name != "running" or (total and done < total):
+            break
+    return seen
+
+
+def _bar(page: Page) -> tuple[str, str, str, str] | None:
+    try:
+        state = page.evaluate(BAR_STATE)
+    except PlaywrightError:  # the page is reloading
+        return None
+    return tuple(state) if state is not None else None
+
+
 def test_it_imports_a_gguf_with_a_moving_progress_bar(
     admin_page: Page, models_site: Site, smollm2_gguf: Path
 ) -> None:
@@ -111,11 +215,20 @@ def test_it_imports_a_gguf_with_a_moving_progress_bar(
     card.locator("input[name=path]").fill(str(link))
     expect(card.locator("select[name=bits]")).to_have_value("keep")
     card.locator("input[name=name]").fill(IMPORTED)
-    card.locator("button[type=submit]").click()
-    page.wait_for_url(re.compile(r"/models/jobs/[0-9a-f-]{36}/$"))
-    expect(page.locator("h1")).to_have_text(f"Import {smollm2_gguf.name} as {IMPORTED}")
+    # The job worker runs only in slices the test gives it (SIGSTOP / SIGCONT), so the page
+    # sees the import part-way however fast the machine is.
+    worker = _job_worker_pid(models_site)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        card.locator("button[type=submit]").click()
+        page.wait_for_url(re.compile(r"/models/jobs/[0-9a-f-]{36}/$"))
+        expect(page.locator("h1")).to_have_text(f"Import {smollm2_gguf.name} as {IMPORTED}")
+        code = page.url.rstrip("/").rsplit("/", 1)[1]
+        stepped = _step_job(page, models_site, worker, code)
+    finally:
+        os.kill(worker, signal.SIGCONT)
 
-    seen = _watch_job(page, timeout_s=180)
+    seen = stepped + _watch_job(page, timeout_s=180)
 
     widths = [width for width, *_ in seen]
     percents = [percent for _, percent, _, _ in seen]
