@@ -1,7 +1,8 @@
 """`manage.py serve`: the whole app in one process on embedded defaults.
 
-daphne serves HTTP and websockets; unless a Redis URL moves it out, the inference worker runs on
-the same event loop (the in-memory channel layer only reaches within one process).
+daphne serves HTTP and websockets, as `mlxweb.server.BoundedServer` (request bodies bounded and
+streamed to the application, never buffered whole); unless a Redis URL moves it out, the inference
+worker runs on the same event loop (the in-memory channel layer only reaches within one process).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Importing daphne.server installs Twisted's asyncio reactor: do it before the reactor.
+        import daphne.server  # noqa: F401
         from channels.routing import get_default_application
         from daphne.endpoints import build_endpoint_description_strings
-        from daphne.server import Server
         from twisted.internet import reactor
 
         from inference import runner
+        from mlxweb.server import BoundedServer
         from models_admin.embedded import start_embedded_worker, stop_embedded_worker
 
         if not 1 <= options["port"] <= 65535:
@@ -49,7 +51,7 @@ class Command(BaseCommand):
         # Model library jobs: a child Celery worker unless a Redis URL moves it out.
         job_worker = start_embedded_worker()
         self.stdout.write(f"mlxweb is serving at http://{host}:{port}/")
-        Server(
+        BoundedServer(
             application=get_default_application(),
             endpoints=build_endpoint_description_strings(host=host, port=port),
             signal_handlers=True,
