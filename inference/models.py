@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -20,20 +21,27 @@ class PromptMessage(models.Model):
 
     class Role(models.TextChoices):
         SYSTEM = "system"
+        DEVELOPER = "developer"
         USER = "user"
         ASSISTANT = "assistant"
+        TOOL = "tool"
+        # A completion prompt sent as it is, without the chat template: the whole prompt.
+        RAW = "raw"
 
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # What a message carries besides its text: an assistant's "tool_calls", a tool result's
+    # "tool_call_id", a "name".
+    extra = models.JSONField(default=dict, blank=True)
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content, **(self.extra or {})}
 
     @classmethod
     def chain(cls, leaf_id: int) -> list[dict[str, str]]:
@@ -44,30 +52,44 @@ class PromptMessage(models.Model):
         """
         table = connection.ops.quote_name(cls._meta.db_table)
         sql = f"""
-            WITH RECURSIVE path(id, parent_id, role, content, depth) AS (
-                SELECT id, parent_id, role, content, 0 FROM {table} WHERE id = %s
+            WITH RECURSIVE path(id, parent_id, role, content, extra, depth) AS (
+                SELECT id, parent_id, role, content, extra, 0 FROM {table} WHERE id = %s
                 UNION ALL
-                SELECT node.id, node.parent_id, node.role, node.content, path.depth + 1
+                SELECT node.id, node.parent_id, node.role, node.content, node.extra,
+                    path.depth + 1
                 FROM {table} AS node JOIN path ON node.id = path.parent_id
             )
-            SELECT role, content FROM path ORDER BY depth DESC
+            SELECT role, content, extra FROM path ORDER BY depth DESC
         """
         with connection.cursor() as cursor:
             cursor.execute(sql, [leaf_id])
-            return [{"role": role, "content": content} for role, content in cursor.fetchall()]
+            messages: list[dict[str, Any]] = []
+            for role, content, extra in cursor.fetchall():
+                # SQLite hands JSON back as text, PostgreSQL as a value.
+                values = json.loads(extra) if isinstance(extra, str | bytes) else extra
+                messages.append({"role": role, "content": content, **(values or {})})
+            return messages
 
     @classmethod
-    def extend(cls, parent: PromptMessage | None, role: str, content: str) -> PromptMessage:
-        """The child of `parent` with this role and content: the existing one, or a new one.
+    def extend(
+        cls,
+        parent: PromptMessage | None,
+        role: str,
+        content: str,
+        extra: dict[str, Any] | None = None,
+    ) -> PromptMessage:
+        """The child of `parent` with this role, content and extra: the existing one, or a new one.
 
         Reusing a child keeps branches that share a prefix (a regenerated reply) in one path;
         roots are always new, so conversations never share nodes.
         """
+        extra = extra or {}
         if parent is not None:
-            existing = cls.objects.filter(parent=parent, role=role, content=content).first()
+            siblings = cls.objects.filter(parent=parent, role=role, content=content)
+            existing = next((m for m in siblings if (m.extra or {}) == extra), None)
             if existing is not None:
                 return existing
-        return cls.objects.create(parent=parent, role=role, content=content)
+        return cls.objects.create(parent=parent, role=role, content=content, extra=extra)
 
 
 class GenerationQuerySet(models.QuerySet["Generation"]):
@@ -108,6 +130,7 @@ class Generation(models.Model):
         STOPPED = "stopped", "stopped by the user"
         INTERRUPTED = "interrupted", "worker went away"
         ERROR = "error", "error"
+        TOOL_CALLS = "tool_calls", "tool calls"
 
     ACTIVE_STATES = (State.QUEUED, State.STREAMING)
     # The state a row ends in, by finish reason; every other reason means it completed.
@@ -141,7 +164,12 @@ class Generation(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
     finish_reason = models.CharField(max_length=16, choices=FinishReason.choices, blank=True)
     error = models.TextField(blank=True)
+    # The raw reply as the model wrote it; once finished, what it means: the answer without
+    # reasoning and tool-call markup, the reasoning, the calls ({"id", "name", "arguments"}).
     text = models.TextField(blank=True)
+    content = models.TextField(blank=True)
+    reasoning = models.TextField(blank=True)
+    tool_calls = models.JSONField(default=list, blank=True)
 
     prompt_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
@@ -169,8 +197,8 @@ class Generation(models.Model):
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
 
-    def prompt_messages(self) -> list[dict[str, str]]:
-        """The prompt as it was sent: [{"role", "content"}, ...], oldest first."""
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The prompt as it was sent: [{"role", "content", ...extra}, ...], oldest first."""
         return PromptMessage.chain(self.prompt_id) if self.prompt_id is not None else []
 
     @classmethod
@@ -250,3 +278,21 @@ class Generation(models.Model):
             "ttft_ms": self.ttft_ms,
             "tokens_per_second": self.tokens_per_second,
         }
+
+
+class WorkerHeartbeat(models.Model):
+    """What an inference worker is doing, written by it every few seconds.
+
+    A row, not process memory, so that every web process (one or many, behind Redis) can tell
+    whether the worker is alive and what it has loaded.
+    """
+
+    worker_id = models.CharField(max_length=100, unique=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # [{"model_id", "bytes", "loaded_at" (ISO time), "expires_at" (ISO time or null)}]
+    loaded = models.JSONField(default=list, blank=True)
+    queued = models.PositiveIntegerField(default=0)
+    streaming = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.worker_id} at {self.updated_at}"

@@ -29,6 +29,8 @@ def start_worker(*, warm_up: bool = True) -> asyncio.Task[None]:
         channel_layer=get_channel_layer(),
     )
     task = asyncio.ensure_future(worker.arun())
+    # The runtime's heartbeat tells web processes the worker is alive before any request.
+    inference_worker.WorkerRuntime.current()
     logger.info(
         "inference worker %s listening on %r",
         inference_worker.WORKER_ID,

@@ -6,13 +6,15 @@ through the model's methods (`Generation.finish`, `Generation.objects.active().i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -20,7 +22,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Max
 
-from inference.catalogue import ModelSpec, get_catalogue
+from inference.catalogue import ModelSpec, ModelUnavailable, UnknownModel, get_catalogue
 from inference.config import ModelConfig
 from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
@@ -36,10 +38,12 @@ logger = logging.getLogger(__name__)
 ACTIVE_STATES = Generation.ACTIVE_STATES
 
 
-def model_list(*, available_only: bool = False) -> list[ModelSpec]:
-    """The models a request may name, for pickers and APIs."""
+def model_list(*, available_only: bool = False, task: str | None = None) -> list[ModelSpec]:
+    """The models a request may name, for pickers and APIs; `task` ("generate" or "embed")
+    keeps only the models for that task (a chat picker wants "generate")."""
     catalogue = get_catalogue()
-    return catalogue.available() if available_only else catalogue.all()
+    specs = catalogue.available() if available_only else catalogue.all()
+    return [s for s in specs if task is None or s.task == task]
 
 
 def model_get(*, model_id: str) -> ModelSpec:
@@ -73,8 +77,26 @@ def _send(channel: str, message: dict[str, Any]) -> None:
     async_to_sync(layer.send)(channel, message)
 
 
+class NotAGenerationModel(ValueError):
+    """The model embeds sentences; it cannot generate text."""
+
+
 class GenerationLimitReached(Exception):
     """The user has as many replies waiting as the limits allow; the message says so."""
+
+
+class GenerationQueueFull(Exception):
+    """All users together have as many replies waiting as `limits.max_queued_replies`."""
+
+
+def _check_queue() -> None:
+    limit = settings.MLXWEB_CONFIG.server.limits.max_queued_replies
+    queued = Generation.objects.filter(state=Generation.State.QUEUED).count()
+    if queued >= limit:
+        raise GenerationQueueFull(
+            f"The server has {queued} replies waiting to start (the limit is {limit}); "
+            "try again shortly."
+        )
 
 
 def _check_user_limits(user: AbstractBaseUser) -> None:
@@ -97,10 +119,14 @@ def _prompt_for(previous: Generation | None, messages: Sequence[ChatMessage]) ->
             raise ValueError("the previous generation has no finished prompt and reply")
         parent = previous.prompt
         # A reply that failed before writing anything is left out, as the chat always did.
-        if previous.text:
-            parent = PromptMessage.extend(parent, PromptMessage.Role.ASSISTANT, previous.text)
+        if previous.text or previous.tool_calls:
+            # What the model said, as the next turn's template shows it: its answer and calls
+            # (reasoning is not replayed); the raw text for replies from before the split.
+            extra = {"tool_calls": previous.tool_calls} if previous.tool_calls else {}
+            said = previous.content if previous.content or previous.tool_calls else previous.text
+            parent = PromptMessage.extend(parent, PromptMessage.Role.ASSISTANT, said, extra)
     for message in messages:
-        parent = PromptMessage.extend(parent, message.role, message.content)
+        parent = PromptMessage.extend(parent, message.role, message.content, message.extra())
     if parent is None:
         raise ValueError("a generation needs at least one message")
     return parent
@@ -114,22 +140,39 @@ def generation_create(
     previous: Generation | None = None,
     user: AbstractBaseUser | None = None,
     notify_group: str = "",
+    prompt_text: str | None = None,
+    priority: str = "interactive",
 ) -> Generation:
     """Record a generation and hand it to the worker once the row is committed.
 
     The prompt is `previous`'s prompt and reply (when given: the conversation so far) followed
-    by `messages`; only the new messages are stored. The row exists before the first token, so a
-    page rendered at any moment finds it. Raises GenerationLimitReached when `user` already has
-    as many replies queued as the limits allow.
+    by `messages`; only the new messages are stored. `prompt_text` is a raw completion prompt
+    instead (no chat template; `messages` and `previous` must then be empty). The row exists
+    before the first token, so a page rendered at any moment finds it. Raises UnknownModel,
+    NotAGenerationModel for an embedding model, GenerationLimitReached when `user` already has
+    as many replies queued as the limits allow and GenerationQueueFull when everyone together
+    has. `priority` ("interactive" or "batch") is accepted for the APIs; scheduling does not
+    use it yet: every user's replies already take turns.
     """
-    get_catalogue().get(model_id)  # only allowed models reach the worker
+    if priority not in ("interactive", "batch"):
+        raise ValueError(f"priority must be interactive or batch, not {priority!r}")
+    if prompt_text is not None and (messages or previous is not None):
+        raise ValueError("a raw prompt_text takes no messages and no previous generation")
+    spec = get_catalogue().get(model_id)  # only allowed models reach the worker
+    if getattr(spec, "task", "generate") != "generate":
+        raise NotAGenerationModel(f"model {model_id!r} is an embedding model: it does not chat")
     with transaction.atomic():
+        _check_queue()
         if user is not None:
             _check_user_limits(user)
+        if prompt_text is not None:
+            prompt = PromptMessage.extend(None, PromptMessage.Role.RAW, prompt_text)
+        else:
+            prompt = _prompt_for(previous, messages)
         generation = Generation.objects.create(
             model_id=model_id,
             user_id=user.pk if user is not None else None,
-            prompt=_prompt_for(previous, messages),
+            prompt=prompt,
             params=params.model_dump(),
             notify_group=notify_group,
         )
@@ -178,6 +221,176 @@ def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
     if count:
         logger.info("marked %d generation(s) of a dead worker interrupted", count)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's health, from the heartbeat row it writes every few seconds.
+
+# A heartbeat older than this means the worker is gone (it writes one every HEARTBEAT_S).
+WORKER_ALIVE_S = 15.0
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """A model in the worker's memory."""
+
+    model_id: str
+    bytes: int
+    loaded_at: datetime
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """Whether the inference worker is alive, what it has loaded and how busy it is."""
+
+    alive: bool
+    worker_id: str = ""
+    loaded: list[LoadedModelInfo] = field(default_factory=list)
+    queued: int = 0
+    streaming: int = 0
+    updated_at: datetime | None = None
+
+
+def worker_status() -> WorkerStatus:
+    """The latest heartbeat of the inference worker (alive if younger than WORKER_ALIVE_S)."""
+    from django.utils import timezone
+    from django.utils.dateparse import parse_datetime
+
+    from inference.models import WorkerHeartbeat
+
+    beat = WorkerHeartbeat.objects.order_by("-updated_at").first()
+    if beat is None:
+        return WorkerStatus(alive=False)
+    age = (timezone.now() - beat.updated_at).total_seconds()
+    loaded = []
+    for info in beat.loaded or []:
+        expires = info.get("expires_at")
+        loaded.append(
+            LoadedModelInfo(
+                model_id=str(info.get("model_id", "")),
+                bytes=int(info.get("bytes", 0)),
+                loaded_at=parse_datetime(str(info.get("loaded_at"))) or beat.updated_at,
+                expires_at=parse_datetime(expires) if expires else None,
+            )
+        )
+    return WorkerStatus(
+        alive=age < WORKER_ALIVE_S,
+        worker_id=beat.worker_id,
+        loaded=loaded,
+        queued=beat.queued,
+        streaming=beat.streaming,
+        updated_at=beat.updated_at,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings: sentence vectors from an embedding model, computed by the inference worker's
+# engine thread (the only thread that runs MLX) and sent back over the channel layer.
+
+MAX_EMBEDDING_INPUTS = 256
+MAX_EMBEDDING_TEXT_CHARS = 100_000
+EMBEDDING_TIMEOUT_S = 120.0
+
+
+class NotAnEmbeddingModel(ValueError):
+    """The model generates text; it cannot embed."""
+
+
+class EmbeddingInputTooLarge(ValueError):
+    """Too many inputs, or a text too long to accept; the message says which limit."""
+
+
+class EmbeddingFailed(RuntimeError):
+    """The worker could not compute the vectors (the model failed to load, the engine stopped,
+    no answer within the timeout); the message says why."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """One vector per input text, in order, and the tokens the inputs took (after truncation
+    to the model's maximum length)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    model_id: str
+
+
+def _embedding_model(model_id: str, texts: Sequence[str]) -> ModelSpec:
+    """The spec of the embedding model, once the request is known to be acceptable."""
+    if not texts:
+        raise ValueError("give at least one text to embed")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise EmbeddingInputTooLarge(
+            f"{len(texts)} inputs: at most {MAX_EMBEDDING_INPUTS} per request"
+        )
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("every input must be a string")
+    longest = max(len(t) for t in texts)
+    if longest > MAX_EMBEDDING_TEXT_CHARS:
+        raise EmbeddingInputTooLarge(
+            f"an input of {longest} characters: at most {MAX_EMBEDDING_TEXT_CHARS} each"
+        )
+    spec = get_catalogue().get(model_id)
+    if spec.task != "embed":
+        raise NotAnEmbeddingModel(f"model {model_id!r} is not an embedding model")
+    if not spec.is_available:
+        raise ModelUnavailable(f"model {model_id!r}: its weights are not on this machine")
+    return spec
+
+
+_EMBEDDING_ERRORS: dict[str, type[Exception]] = {
+    "unknown_model": UnknownModel,
+    "unavailable": ModelUnavailable,
+    "not_embedding": NotAnEmbeddingModel,
+    "too_large": EmbeddingInputTooLarge,
+    "invalid": ValueError,
+}
+
+
+async def aembed(
+    *, model_id: str, texts: Sequence[str], user: AbstractBaseUser | None = None
+) -> EmbedResult:
+    """Sentence vectors of `texts` from the embedding model `model_id`.
+
+    The inference worker computes them ("embedding.request" with a reply channel) and this
+    waits for its answer. Texts longer than the model's maximum length (256 tokens for
+    all-MiniLM-L6-v2) are truncated, as sentence-transformers does. Raises UnknownModel,
+    ModelUnavailable, NotAnEmbeddingModel, EmbeddingInputTooLarge (more than 256 inputs, or a
+    text over 100,000 characters), ValueError (no inputs) and EmbeddingFailed. `user` is who
+    asked; nothing is recorded per user yet.
+    """
+    texts = list(texts)
+    spec = await sync_to_async(_embedding_model, thread_sensitive=False)(model_id, texts)
+    layer = get_channel_layer()
+    assert layer is not None, "CHANNEL_LAYERS is not configured"
+    reply_channel = await layer.new_channel()
+    request = {
+        "type": "embedding.request",
+        "model_id": spec.id,
+        "texts": texts,
+        "reply_channel": reply_channel,
+    }
+    await layer.send(settings.INFERENCE_CHANNEL, request)
+    try:
+        answer = await asyncio.wait_for(layer.receive(reply_channel), EMBEDDING_TIMEOUT_S)
+    except TimeoutError as e:
+        raise EmbeddingFailed(
+            f"no answer from the inference worker within {EMBEDDING_TIMEOUT_S:.0f}s"
+        ) from e
+    if answer.get("type") == "embedding.result":
+        return EmbedResult(
+            vectors=answer["vectors"], prompt_tokens=int(answer["prompt_tokens"]), model_id=spec.id
+        )
+    error = str(answer.get("error") or "embedding failed")
+    raise _EMBEDDING_ERRORS.get(str(answer.get("kind")), EmbeddingFailed)(error)
+
+
+def embed(
+    *, model_id: str, texts: Sequence[str], user: AbstractBaseUser | None = None
+) -> EmbedResult:
+    """`aembed` for synchronous callers (not from inside a running event loop)."""
+    return async_to_sync(aembed)(model_id=model_id, texts=texts, user=user)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from inference.models import Generation
+from inference import metrics
+from inference.models import Generation, WorkerHeartbeat
+from inference.parsing import OutputFormat, OutputSplitter
 from inference.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 # How often the text of a streaming generation is written to its row. Reloads show the text as
 # of the last flush, then the worker's snapshot fills the gap.
 FLUSH_INTERVAL_S = 0.5
+# How often the worker writes its heartbeat row (inference.services.worker_status reads it).
+HEARTBEAT_S = 5.0
 
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -92,10 +96,14 @@ class _Stream:
     group: str
     generation: Generation
     user: str  # whose turn it is when streams are handed out; "" for nobody in particular
-    text: str = ""
+    params: GenerationParams = field(default_factory=GenerationParams)
+    text: str = ""  # raw, as the model wrote it
+    sent: int = 0  # characters of visible text sent to the group so far
+    splitter: OutputSplitter | None = None  # made when the engine says how the model writes
     tokens: int = 0
     flushed_at: float = 0.0
     first_token_at: float | None = None
+    last_token_at: float | None = None
     submitted: bool = False
     finished: bool = False
     pending_writes: dict[str, Any] = field(default_factory=dict)
@@ -105,12 +113,20 @@ class _Stream:
 
 
 @database_sync_to_async
-def _load_queued(code: str) -> tuple[Generation, list[dict[str, str]]] | None:
+def _load_queued(code: str) -> tuple[Generation, list[dict[str, Any]]] | None:
     """The queued row and its prompt (one query for the row, one for the whole prompt)."""
     generation = Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
     if generation is None:
         return None
     return generation, generation.prompt_messages()
+
+
+@database_sync_to_async
+def _write_heartbeat(loaded: list[dict[str, Any]], queued: int, streaming: int) -> None:
+    WorkerHeartbeat.objects.update_or_create(
+        worker_id=WORKER_ID,
+        defaults={"updated_at": _now(), "loaded": loaded, "queued": queued, "streaming": streaming},
+    )
 
 
 @database_sync_to_async
@@ -144,6 +160,9 @@ class WorkerRuntime:
         self.serves = 0
         self.channel_layer = get_channel_layer()
         self.pump_task = loop.create_task(self._pump())
+        self.heartbeat_task = loop.create_task(self._heartbeat())
+        # One lifetime: whoever stops the pump (shutdown, a test) stops the heartbeat too.
+        self.pump_task.add_done_callback(lambda _: self.heartbeat_task.cancel())
 
     @property
     def max_streams(self) -> int:
@@ -174,14 +193,25 @@ class WorkerRuntime:
         generation, messages = loaded
         from inference.engine import GenerationRequest
 
+        params = GenerationParams.model_validate(generation.params)
+        prompt_text = None
+        if len(messages) == 1 and messages[0]["role"] == "raw":
+            prompt_text, messages = messages[0]["content"], []
         request = GenerationRequest(
             id=code,
             model_id=generation.model_id,
             messages=messages,
-            params=GenerationParams.model_validate(generation.params),
+            params=params,
+            prompt_text=prompt_text,
         )
         user = str(generation.user_id or "")
-        stream = _Stream(code=code, group=generation.notify_group, generation=generation, user=user)
+        stream = _Stream(
+            code=code,
+            group=generation.notify_group,
+            generation=generation,
+            user=user,
+            params=params,
+        )
         self.streams[code] = stream
         await _update(code, worker_id=WORKER_ID)
         self.waiting.setdefault(user, deque()).append((stream, request))
@@ -216,6 +246,39 @@ class WorkerRuntime:
     async def _submit_waiting(self) -> None:
         while (item := self._next_waiting()) is not None:
             await self._submit(*item)
+        self._update_gauges()
+
+    def _queued_count(self) -> int:
+        return sum(len(queue) for queue in self.waiting.values())
+
+    def _update_gauges(self) -> None:
+        metrics.QUEUE_DEPTH.set(self._queued_count())
+        metrics.ACTIVE_STREAMS.set(self._active_count())
+
+    async def _heartbeat(self) -> None:
+        """Write this worker's status row every HEARTBEAT_S, for worker_status()."""
+        while True:
+            try:
+                await self.write_heartbeat()
+            except Exception:
+                logger.exception("could not write the worker's heartbeat")
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def write_heartbeat(self) -> None:
+        engine = _engine  # never start the engine just to say it has nothing loaded
+        loaded = []
+        if engine is not None and engine.alive:
+            for info in engine.loaded_models():
+                loaded.append(
+                    {
+                        "model_id": info["model_id"],
+                        "bytes": info["bytes"],
+                        "loaded_at": _now(info["loaded_at"]).isoformat(),
+                        "expires_at": None,
+                    }
+                )
+        self._update_gauges()
+        await _write_heartbeat(loaded, self._queued_count(), self._active_count())
 
     async def _submit(self, stream: _Stream, request: Any) -> None:
         loop = self.loop
@@ -288,13 +351,19 @@ class WorkerRuntime:
             batch = [await self.events.get()]
             while not self.events.empty():
                 batch.append(self.events.get_nowait())
-            deltas: dict[str, list[str]] = {}
+            deltas: dict[str, list[Any]] = {}
             try:
                 for event, ts in batch:
                     stream = self.streams.get(event.request_id)
                     if stream is None:
                         continue
                     if isinstance(event, Started):
+                        stream.splitter = self._splitter(stream, event.output)
+                        metrics.generation_started(
+                            stream.generation.model_id,
+                            prompt_tokens=event.prompt_tokens,
+                            cached_tokens=event.cached_tokens,
+                        )
                         await database_sync_to_async(stream.generation.mark_streaming)(
                             started_at=_now(ts),
                             prompt_tokens=event.prompt_tokens,
@@ -302,7 +371,14 @@ class WorkerRuntime:
                             trimmed_messages=event.trimmed_messages,
                         )
                     elif isinstance(event, Delta):
-                        deltas.setdefault(stream.code, []).append(event.text)
+                        deltas.setdefault(stream.code, []).append(event)
+                        if stream.last_token_at is not None:
+                            metrics.tokens_streamed(
+                                stream.generation.model_id,
+                                tokens=event.tokens - stream.tokens,
+                                seconds=ts - stream.last_token_at,
+                            )
+                        stream.last_token_at = ts
                         stream.tokens = event.tokens
                         if stream.first_token_at is None:
                             stream.first_token_at = ts
@@ -320,17 +396,43 @@ class WorkerRuntime:
                 # The pump must outlive a database hiccup: the next event flushes again.
                 logger.exception("inference event pump failed on a batch; continuing")
 
-    async def _send_deltas(self, parts: list[str] | None, stream: _Stream) -> None:
+    @staticmethod
+    def _splitter(stream: _Stream, output: OutputFormat) -> OutputSplitter:
+        params = stream.params
+        tools = [t.as_template_tool() for t in params.tools] if params.uses_tools else None
+        return OutputSplitter(output, tools_enabled=params.uses_tools, tools=tools)
+
+    async def _send_deltas(self, parts: list[Any] | None, stream: _Stream) -> None:
+        """Send the deltas' text to the group, split into channels (reasoning / content),
+        tool-call markup held back; logprobs ride on the first message."""
         if not parts:
             return
-        text = "".join(parts)
-        offset = len(stream.text)
+        text = "".join(part.text for part in parts)
         stream.text += text
-        if stream.group:
-            await self.channel_layer.group_send(
-                stream.group,
-                {"type": "generation.delta", "code": stream.code, "text": text, "offset": offset},
-            )
+        logprobs = [entry for part in parts for entry in (part.logprobs or [])]
+        if stream.splitter is None:  # no Started seen (cannot happen; be safe)
+            stream.splitter = self._splitter(stream, OutputFormat())
+        await self._send_pieces(stream, stream.splitter.feed(text), logprobs)
+
+    async def _send_pieces(
+        self, stream: _Stream, pieces: list[tuple[str, str]], logprobs: list[dict[str, Any]]
+    ) -> None:
+        if not stream.group:
+            return
+        if not pieces and logprobs:
+            pieces = [("content", "")]
+        for channel, piece in pieces:
+            message: dict[str, Any] = {
+                "type": "generation.delta",
+                "code": stream.code,
+                "text": piece,
+                "offset": stream.sent,
+                "channel": channel,
+            }
+            if stream.params.logprobs:
+                message["logprobs"], logprobs = logprobs, []
+            stream.sent += len(piece)
+            await self.channel_layer.group_send(stream.group, message)
 
     async def _flush(self, stream: _Stream) -> None:
         fields = {"text": stream.text, "completion_tokens": stream.tokens, **stream.pending_writes}
@@ -342,9 +444,17 @@ class WorkerRuntime:
         stream.finished = True
         reason = event.finish_reason
         stream.tokens = event.completion_tokens
+        splitter = stream.splitter or self._splitter(stream, OutputFormat())
+        await self._send_pieces(stream, splitter.flush(), [])
+        parsed = splitter.result()
+        if parsed.tool_calls and reason in ("eos", "stop_string"):
+            reason = Generation.FinishReason.TOOL_CALLS
         fields = {
             **stream.pending_writes,
             "text": stream.text,
+            "content": parsed.content,
+            "reasoning": parsed.reasoning,
+            "tool_calls": parsed.tool_calls,
             "error": event.error,
             "finished_at": _now(ts),
             "completion_tokens": event.completion_tokens,
@@ -353,6 +463,13 @@ class WorkerRuntime:
             fields["prompt_tokens"] = event.prompt_tokens
         stream.pending_writes.clear()
         await database_sync_to_async(stream.generation.finish)(reason, **fields)
+        created = stream.generation.created_at.timestamp()
+        metrics.generation_finished(
+            stream.generation.model_id,
+            finish_reason=str(reason),
+            completion_tokens=event.completion_tokens,
+            ttft=stream.first_token_at - created if stream.first_token_at is not None else None,
+        )
         self.streams.pop(stream.code, None)
         logger.info("generation %s ended: %s (%d tokens)", stream.code, reason, stream.tokens)
         await self._notify_done(stream.group, stream.code)
@@ -374,8 +491,80 @@ class WorkerRuntime:
         self.waiting.clear()
 
 
+# --- embeddings ------------------------------------------------------------------------------
+
+# Running embedding requests: the loop keeps only weak references to its tasks.
+_embedding_tasks: set[asyncio.Task[None]] = set()
+
+
+def _embedding_refusal(message: dict[str, Any]) -> tuple[str, str]:
+    """(kind, why) for a malformed ("invalid") or too large ("too_large") request, ("", "") if
+    it is fine: anything may put messages on the channel, not only
+    `inference.services.aembed`, which checks the same."""
+    from inference.services import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TEXT_CHARS
+
+    texts = message.get("texts")
+    if not isinstance(message.get("model_id"), str):
+        return "invalid", "model_id must be a string"
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return "invalid", "texts must be a list of strings"
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        return "too_large", f"{len(texts)} inputs: at most {MAX_EMBEDDING_INPUTS} per request"
+    if any(len(t) > MAX_EMBEDDING_TEXT_CHARS for t in texts):
+        return "too_large", f"an input is over {MAX_EMBEDDING_TEXT_CHARS} characters"
+    return "", ""
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+async def _serve_embedding(message: dict[str, Any], reply_channel: str) -> None:
+    """Compute one embedding request on the engine thread and send the answer back."""
+    from inference import metrics
+    from inference.engine import EmbeddingResult
+
+    layer = get_channel_layer()
+    kind, refusal = _embedding_refusal(message)
+    if kind:
+        await layer.send(reply_channel, {"type": "embedding.error", "error": refusal, "kind": kind})
+        return
+    model_id, texts = message["model_id"], message["texts"]
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[EmbeddingResult] = loop.create_future()
+
+    def reply(answer: EmbeddingResult) -> None:
+        # Called on the engine thread; after shutdown the loop is closed and nobody waits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, result, answer)
+
+    try:
+        engine = await asyncio.to_thread(get_engine)
+        engine.embed(model_id, texts, reply)
+        answer = await result
+    except Exception as e:  # the engine could not even be started
+        logger.exception("embedding request for %s failed", model_id)
+        answer = EmbeddingResult([], 0, error=f"engine unavailable: {e}", kind="error")
+    if answer.kind:
+        await layer.send(
+            reply_channel, {"type": "embedding.error", "error": answer.error, "kind": answer.kind}
+        )
+        return
+    metrics.embedding_served(model_id)
+    await layer.send(
+        reply_channel,
+        {
+            "type": "embedding.result",
+            "vectors": answer.vectors,
+            "prompt_tokens": answer.prompt_tokens,
+        },
+    )
+
+
 class InferenceWorker(AsyncConsumer):
-    """Handles `generation.start`, `generation.stop` and `generation.sync` on the channel."""
+    """Handles `generation.start`, `generation.stop`, `generation.sync` and
+    `embedding.request` on the channel."""
 
     async def generation_start(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().start(str(message["code"]))
@@ -385,3 +574,12 @@ class InferenceWorker(AsyncConsumer):
 
     async def generation_sync(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().sync(str(message["code"]), str(message["reply_channel"]))
+
+    async def embedding_request(self, message: dict[str, Any]) -> None:
+        # A task of its own: a consumer handles one message at a time, and generation
+        # messages must not wait while vectors are computed.
+        task = asyncio.get_running_loop().create_task(
+            _serve_embedding(message, str(message["reply_channel"]))
+        )
+        _embedding_tasks.add(task)
+        task.add_done_callback(_embedding_tasks.discard)

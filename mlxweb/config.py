@@ -50,6 +50,8 @@ class Limits(_Strict):
     # rest wait their turn, users taking turns).
     max_queued_replies_per_user: int = Field(8, ge=1, le=10_000)
     max_streaming_replies_per_user: int = Field(4, ge=1, le=256)
+    # All users together: replies waiting to start; past it new ones are refused (HTTP 503).
+    max_queued_replies: int = Field(256, ge=1, le=100_000)
     # HTTP request bodies, enforced while they are read (mlxweb.bodylimit): anonymous requests
     # (sign-in, sign-up) get the smallest; signed-in ones enough for the composer's 100,000
     # characters; the GGUF upload route gets library.max_upload_bytes.
@@ -125,6 +127,32 @@ class HubSettings(_Strict):
         return self.endpoint.rstrip("/") or None if self.endpoint else None
 
 
+class ApiSettings(_Strict):
+    """The OpenAI- and Ollama-compatible HTTP APIs (inference.api): per-key limits and CORS."""
+
+    # Per API key: requests in any one minute (more get 429 with Retry-After) and generations
+    # running at once (streamed or not).
+    requests_per_minute: int = Field(120, ge=1, le=1_000_000)
+    max_concurrent_streams: int = Field(4, ge=1, le=1024)
+    # The most choices one request may ask for (`n`); more is a 400.
+    max_choices: int = Field(8, ge=1, le=64)
+    # Origins whose browser pages may call /v1 and /api ("*": any); empty: none.
+    cors_origins: tuple[str, ...] = Field((), max_length=100)
+    # Requests from this machine (127.0.0.1, ::1) need no key. Ignored in production mode,
+    # where every request comes through the proxy on loopback.
+    open_on_loopback: bool = False
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        # MLXWEB_API_CORS_ORIGINS=https://a.example,https://b.example
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+
 class ServerConfig(_Strict):
     """`configs/server.yaml`."""
 
@@ -165,6 +193,7 @@ class ServerConfig(_Strict):
     prompt_cache: PromptCacheSettings = PromptCacheSettings()
     batch: BatchSettings = BatchSettings()
     library: LibrarySettings = LibrarySettings()
+    api: ApiSettings = ApiSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +275,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_MAX_NEW_TOKENS": "limits.max_new_tokens",
     "MLXWEB_WS_MAX_MESSAGE_BYTES": "limits.ws_max_message_bytes",
     "MLXWEB_MAX_QUEUED_REPLIES_PER_USER": "limits.max_queued_replies_per_user",
+    "MLXWEB_MAX_QUEUED_REPLIES": "limits.max_queued_replies",
     "MLXWEB_MAX_STREAMING_REPLIES_PER_USER": "limits.max_streaming_replies_per_user",
     "MLXWEB_ANONYMOUS_BODY_BYTES": "limits.anonymous_body_bytes",
     "MLXWEB_BODY_BYTES": "limits.body_bytes",
@@ -255,6 +285,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_PROMPT_CACHE_BYTES": "prompt_cache.max_bytes",
     "MLXWEB_IMPORT_DIRS": "library.import_dirs",
     "MLXWEB_MAX_UPLOAD_BYTES": "library.max_upload_bytes",
+    "MLXWEB_API_REQUESTS_PER_MINUTE": "api.requests_per_minute",
+    "MLXWEB_API_MAX_CONCURRENT_STREAMS": "api.max_concurrent_streams",
+    "MLXWEB_API_MAX_CHOICES": "api.max_choices",
+    "MLXWEB_API_CORS_ORIGINS": "api.cors_origins",
+    "MLXWEB_API_OPEN_ON_LOOPBACK": "api.open_on_loopback",
     # huggingface_hub's own variables, so that the library pulls where the hub client would.
     "HF_ENDPOINT": "hub.endpoint",
     "HF_HUB_CACHE": "hub.cache",
@@ -274,6 +309,7 @@ _VERBATIM_ENV = {
     "MLXWEB_DEFAULT_MODEL",
     "MLXWEB_MODELS_DIR",
     "MLXWEB_IMPORT_DIRS",
+    "MLXWEB_API_CORS_ORIGINS",
     "HF_ENDPOINT",
     "HF_HUB_CACHE",
     "HF_HOME",
