@@ -7,9 +7,9 @@ limit gets a 413 before a byte is read, and a body that grows past the limit whi
 a 413 at that point, while Django is told the client went away (it then drops what it had).
 
 Limits (configs/server.yaml): anonymous requests get `limits.anonymous_body_bytes`, signed-in
-ones `limits.body_bytes`, and staff on the GGUF upload route `library.max_upload_bytes` (plus
-room for the multipart envelope). Who is signed in is only looked up when a body is bigger than
-the anonymous limit, so ordinary requests cost nothing.
+ones (a session, or a valid API key) `limits.body_bytes`, and staff on the GGUF upload route
+`library.max_upload_bytes` (plus room for the multipart envelope). Who is signed in is only
+looked up when a body is bigger than the anonymous limit, so ordinary requests cost nothing.
 """
 
 from __future__ import annotations
@@ -87,9 +87,21 @@ def _upload_path() -> str:
     return reverse("models_admin:import_gguf")
 
 
+def _api_key_is_valid(authorization: bytes) -> bool:
+    """Whether an `Authorization: Bearer` header carries a live API key (inference.api)."""
+    from inference.api.services import api_key_authenticate
+
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and api_key_authenticate(secret=token.strip()) is not None
+
+
 async def _limit_for(scope: Scope) -> int:
     """The largest body this request may send, given who sends it and where."""
     limits = settings.MLXWEB_CONFIG.server.limits
+    # A request with a valid API key counts as signed in (API calls carry no session cookie).
+    authorization = _header(scope, b"authorization")
+    if authorization and await sync_to_async(_api_key_is_valid)(authorization):
+        return int(limits.body_bytes)
     session_key = _session_key(scope)
     if session_key is None:
         return int(limits.anonymous_body_bytes)

@@ -49,7 +49,11 @@ INSTALLED_APPS = [
     "django_htmx",
     # Sign-in throttling: failed attempts per account and per address, a lockout that expires.
     "axes",
+    # django-ninja: the OpenAI/Ollama APIs' schemas and OpenAPI; here for its Swagger UI files.
+    "ninja",
     "inference",
+    # The OpenAI- and Ollama-compatible APIs, API keys, /health and /metrics.
+    "inference.api",
     "chat",
     "models_admin",
     # Project-level management commands (serve).
@@ -57,7 +61,11 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so that it counts every answer (mlxweb_http_requests_total).
+    "inference.api.metrics.HttpMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # CORS for /v1 and /api only, origins from configs (api.cors_origins).
+    "inference.api.cors.ApiCorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

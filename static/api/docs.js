@@ -1,0 +1,9 @@
+// The API reference page: Swagger UI over /v1/openapi.json, set up from a script file (the
+// Content-Security-Policy allows no inline script). Settings come from the page's JSON block.
+(function () {
+  "use strict";
+  var settings = JSON.parse(document.getElementById("swagger-settings").textContent);
+  settings.dom_id = "#swagger-ui";
+  settings.presets = [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset];
+  window.ui = SwaggerUIBundle(settings);
+})();
