@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext
+from django.conf import settings as django_settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.test import AsyncClient
 
 from inference.api import services
+from inference.services import model_fetch
 from tests.chat.conftest import FakeEngine, fake_engine, running_worker  # noqa: F401
+from tests.support.live import Site, write_configs
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -106,3 +114,86 @@ async def engine_running(
     running_worker: None,  # noqa: F811
 ) -> AsyncIterator[FakeEngine]:
     yield fake_engine
+
+
+# --- a live server, shared by every live API test of the session ----------------------------
+
+EMBED_MODEL = "all-minilm-l6-v2"
+PASSWORD = "a-long-pass-phrase"
+
+
+@dataclass
+class LiveApi:
+    """A running `manage.py serve` with the tiny model, the embedding model and three keys."""
+
+    site: Site
+    key: str  # ada's (not staff)
+    other_key: str  # bob's
+    staff_key: str  # root's
+
+    @property
+    def url(self) -> str:
+        return self.site.url
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.site.env["MLXWEB_DATABASE_URL"].removeprefix("sqlite:///"))
+
+    def new_key(self, user: str, name: str) -> str:
+        return self.site.manage("api_keys", "create", "--user", user, "--name", name).split()[-1]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    model = django_settings.MLXWEB_CONFIG.models[EMBED_MODEL]
+    path = model_fetch(model=model, models_dir=django_settings.MLXWEB_MODELS_DIR)
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def live_api(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm_dir: Path
+) -> Iterator[LiveApi]:
+    root = tmp_path_factory.mktemp("api-site")
+    models = root / "models"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    (models / EMBED_MODEL).symlink_to(minilm_dir, target_is_directory=True)
+    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
+    (configs / "models" / f"{EMBED_MODEL}.yaml").write_text(
+        f"name: all-MiniLM-L6-v2\ntask: embed\nsource:\n  path: {EMBED_MODEL}\n"
+        "context_length: 256\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
+        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
+        "MLXWEB_CONFIG_DIR": str(configs),
+        "MLXWEB_MODELS_DIR": str(models),
+        "MLXWEB_VAR_DIR": str(root / "var"),
+        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
+        "MLXWEB_SECRET_KEY": "api-test",
+        # Short replies keep the suite fast; schemathesis and the concurrency test send many.
+        "MLXWEB_MAX_NEW_TOKENS": "64",
+        "MLXWEB_API_REQUESTS_PER_MINUTE": "100000",
+        "MLXWEB_API_MAX_CONCURRENT_STREAMS": "16",
+        "MLXWEB_MAX_QUEUED_REPLIES_PER_USER": "32",
+        "PYTHONUNBUFFERED": "1",
+    }
+    site = Site(env=env, log_dir=root)
+    site.manage("migrate", "--noinput", "-v0")
+    site.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        f"User.objects.create_user('ada', password={PASSWORD!r}); "
+        f"User.objects.create_user('bob', password={PASSWORD!r}); "
+        f"User.objects.create_superuser('root', password={PASSWORD!r})",
+    )
+    live = LiveApi(site=site, key="", other_key="", staff_key="")
+    live.key = live.new_key("ada", "tests")
+    live.other_key = live.new_key("bob", "tests")
+    live.staff_key = live.new_key("root", "tests")
+    site.serve()
+    try:
+        yield live
+    finally:
+        site.stop_all()
