@@ -239,6 +239,10 @@ class Command(BaseCommand):
             lines.extend(f"{label}{error}" for error in errors)
         raise CommandError("\n".join(lines), returncode=EXIT_USAGE)
 
+    def progress_bar(self, *, disable: bool) -> Any:
+        """What a job run here reports its progress to (the `mlxweb` command shows its own)."""
+        return _ProgressBar(disable=disable)
+
     def _run(
         self,
         kind: str,
@@ -257,7 +261,7 @@ class Command(BaseCommand):
             return
         job = services.job_create(kind=kind, params=params, enqueue=False)
         self.stdout.write(f"{job.title} (job {job.code})")
-        bar = _ProgressBar(disable=options.get("verbosity", 1) == 0)
+        bar = self.progress_bar(disable=options.get("verbosity", 1) == 0)
         try:
             job = services.job_run(
                 job=job,
