@@ -601,12 +601,15 @@ class Engine:
             _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=_describe(e)))
             return
 
+        detokenizer = slot.loaded.tokenizer.detokenizer
+        if request.prompt_text is not None:
+            _keep_leading_space(detokenizer)
         active = _Active(
             request=request,
             emit=submit.emit,
             slot=slot,
             uid=uid,
-            detokenizer=slot.loaded.tokenizer.detokenizer,
+            detokenizer=detokenizer,
             stop=tuple(params.stop),
             prompt_tokens=len(prompt),
             started_at=time.perf_counter(),
@@ -1199,6 +1202,15 @@ class _OccurrencePenalty:
         counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[reply].add(1)
         penalty = counts * self.frequency + (counts > 0).astype(logits.dtype) * self.presence
         return logits - penalty[None, :]
+
+
+def _keep_leading_space(detokenizer: Any) -> None:
+    """mlx-lm's detokenizers drop the space a reply starts with (right for a chat answer); a
+    raw completion continues its prompt, where " Paris" after "The capital is" needs it."""
+    if hasattr(detokenizer, "trim_space"):  # SentencePiece
+        detokenizer.trim_space = False
+    elif hasattr(detokenizer, "_maybe_trim_space"):  # byte-level BPE
+        detokenizer._maybe_trim_space = lambda text: text
 
 
 def _vocab_size(loaded: LoadedModel) -> int:

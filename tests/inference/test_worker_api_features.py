@@ -61,7 +61,10 @@ def _limits(settings: Any, **changes: Any) -> None:
 
 
 async def _generate(
-    text: str = "What is the weather in Paris?", prompt_text: str | None = None, **params: Any
+    text: str = "What is the weather in Paris?",
+    prompt_text: str | None = None,
+    model_id: str = "tiny",
+    **params: Any,
 ) -> tuple[Generation, list[dict[str, Any]]]:
     """Create a generation, collect its group's messages until done, return the row."""
     layer = get_channel_layer()
@@ -71,14 +74,14 @@ async def _generate(
     await layer.group_add(group, channel)
     messages = [] if prompt_text is not None else [ChatMessage(role="user", content=text)]
     generation = await sync_to_async(services.generation_create)(
-        model_id="tiny",
+        model_id=model_id,
         messages=messages,
         params=GenerationParams.model_validate({"temperature": 0.0, **params}),
         notify_group=group,
         prompt_text=prompt_text,
     )
     heard = []
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(240):
         while True:
             message = await layer.receive(channel)
             heard.append(message)
@@ -215,3 +218,68 @@ def test_a_raw_prompt_takes_no_messages(tiny: str) -> None:
             params=GenerationParams(),
             prompt_text="hello",
         )
+
+
+# --------------------------------------------------------------------------- the default model
+
+DEFAULT = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+async def default_worker(smollm2_models_root: Path) -> AsyncIterator[None]:
+    inference_worker.stop_engine()
+    task = runner.start_worker(warm_up=False)
+    yield
+    task.cancel()
+    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
+    if runtime is not None:
+        runtime.pump_task.cancel()
+    await asyncio.to_thread(inference_worker.stop_engine)
+
+
+@pytest.mark.slow
+async def test_the_default_model_calls_the_forced_tool_with_the_city(default_worker) -> None:
+    row, _ = await _generate(
+        "What is the weather like in Paris today?",
+        model_id=DEFAULT,
+        max_tokens=60,
+        tools=[WEATHER],
+        tool_choice="required",
+    )
+    assert row.finish_reason == Generation.FinishReason.TOOL_CALLS, row.text
+    [call] = row.tool_calls
+    arguments = json.loads(call["arguments"])
+    jsonschema.validate(arguments, WEATHER["parameters"])
+    assert "Paris" in arguments["city"]
+
+
+@pytest.mark.slow
+async def test_the_default_model_answers_in_the_schema(default_worker) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "country": {"type": "string", "maxLength": 20},
+            "capital": {"type": "string", "maxLength": 20},
+        },
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    row, _ = await _generate(
+        "What is the capital of France? Answer in JSON.",
+        model_id=DEFAULT,
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": schema},
+    )
+    assert row.finish_reason == "eos", row.text
+    answer = json.loads(row.content)
+    jsonschema.validate(answer, schema)
+    assert "Paris" in answer["capital"]
+
+
+@pytest.mark.slow
+async def test_a_raw_completion_keeps_the_space_that_continues_the_prompt(default_worker) -> None:
+    row, heard = await _generate(
+        prompt_text="The capital of France is", model_id=DEFAULT, max_tokens=6
+    )
+    assert row.text.startswith(" "), row.text
+    assert "".join(m["text"] for m in _deltas(heard)) == row.text
