@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from inference import services as inference
-from inference.catalogue import UnknownModel
+from inference.catalogue import ModelUnavailable, UnknownModel
 
 # OpenAI's error types by status.
 ERROR_TYPES = {
@@ -62,6 +62,7 @@ GenerationQueueFull: type[Exception] = getattr(inference, "GenerationQueueFull",
 NotAGenerationModel: type[Exception] = getattr(inference, "NotAGenerationModel", _NeverRaised)
 NotAnEmbeddingModel: type[Exception] = getattr(inference, "NotAnEmbeddingModel", _NeverRaised)
 EmbeddingInputTooLarge: type[Exception] = getattr(inference, "EmbeddingInputTooLarge", _NeverRaised)
+EmbeddingFailed: type[Exception] = getattr(inference, "EmbeddingFailed", _NeverRaised)
 
 
 def describe_validation(
@@ -97,4 +98,8 @@ def from_service_error(error: Exception, *, model_id: str) -> ApiError | None:
         return ApiError(400, str(error), param="model")
     if isinstance(error, EmbeddingInputTooLarge):
         return ApiError(400, str(error), param="input")
+    if isinstance(error, ModelUnavailable):
+        return ApiError(503, str(error), param="model", headers={"Retry-After": "30"})
+    if isinstance(error, EmbeddingFailed):
+        return ApiError(503, str(error) or "The embedding failed.", headers={"Retry-After": "5"})
     return None

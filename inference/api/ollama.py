@@ -564,6 +564,8 @@ async def _embed(request: HttpRequest, model_id: str, texts: list[str]) -> Any:
         raise _unknown(model_id) from e
     except Exception as e:
         mapped = from_service_error(e, model_id=model_id)
+        if mapped is None and isinstance(e, ValueError):
+            mapped = ApiError(400, f"input: {e}", param="input")
         if mapped is None:
             raise
         raise mapped from e

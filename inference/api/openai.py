@@ -836,6 +836,8 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 async def embeddings(request: HttpRequest, body: EmbeddingRequest) -> Any:
     caller = caller_of(request)
     texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise ApiError(400, "input: give at least one text", param="input")
     if not all(isinstance(text, str) for text in texts):
         raise ApiError(400, "input: token arrays are not supported; send text", param="input")
     if body.dimensions is not None:
@@ -847,6 +849,8 @@ async def embeddings(request: HttpRequest, body: EmbeddingRequest) -> Any:
         result = await aembed(model_id=body.model, texts=list(texts), user=caller.user)
     except Exception as e:
         mapped = from_service_error(e, model_id=body.model)
+        if mapped is None and isinstance(e, ValueError):
+            mapped = ApiError(400, f"input: {e}", param="input")
         if mapped is None:
             raise
         raise mapped from e
