@@ -119,6 +119,59 @@ def message_send(
     return user_message, reply
 
 
+@transaction.atomic
+def conversation_import(
+    *,
+    user: AbstractBaseUser,
+    model_id: str,
+    messages: list[ChatMessage],
+    params: dict[str, Any] | None = None,
+    title: str = "",
+) -> Conversation:
+    """Save a chat held elsewhere (the command line's `mlxweb run`) as a conversation of
+    `user`, so the browser shows it and can go on with it.
+
+    `messages` alternate user and assistant turns, after an optional system message (kept in
+    the first reply's prompt, as the model saw it). Each assistant turn becomes a finished
+    generation. Raises ChatError for a chat with no exchange, UnknownModel for a bad id.
+    """
+    system = [m for m in messages[:1] if m.role == "system"]
+    turns = messages[len(system) :]
+    if not turns or any(
+        m.role != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)
+    ):
+        raise ChatError("A chat to save alternates user and assistant turns, user first.")
+    generation_params = inference.generation_params(model_id=model_id, overrides=params)
+    conversation = conversation_create(user=user, model_id=model_id)
+    first_line = " ".join((title or turns[0].content).split())
+    conversation.title = (
+        first_line[:TITLE_LENGTH] + "…" if len(first_line) > TITLE_LENGTH else first_line
+    ) or conversation.title
+    conversation.save(update_fields=["title"])
+    previous = None
+    pending: list[ChatMessage] = list(system)
+    for message in turns:
+        if message.role == "user":
+            Message.objects.create(
+                conversation=conversation, role=Message.Role.USER, content=message.content
+            )
+            pending.append(message)
+            continue
+        previous = inference.generation_record(
+            model_id=model_id,
+            messages=pending,
+            text=message.content,
+            params=generation_params,
+            previous=previous,
+            user=conversation.user,
+        )
+        Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, generation=previous
+        )
+        pending = []
+    return conversation
+
+
 def reply_stop(*, conversation: Conversation, reply_code: str) -> Message:
     """Stop a streaming reply of this conversation; its text is kept."""
     reply = (

@@ -28,6 +28,7 @@ from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
 from inference.weights import convert as _convert
 from inference.weights import evaluation as _evaluation
+from inference.weights import export as _export
 from inference.weights import gguf as _gguf
 from inference.weights import inspect as _inspect
 from inference.weights import progress as _progress
@@ -180,6 +181,39 @@ def generation_create(
     transaction.on_commit(
         lambda: _send(settings.INFERENCE_CHANNEL, {"type": "generation.start", "code": code})
     )
+    return generation
+
+
+def generation_record(
+    *,
+    model_id: str,
+    messages: Sequence[ChatMessage],
+    text: str,
+    params: GenerationParams,
+    previous: Generation | None = None,
+    user: AbstractBaseUser | None = None,
+    finish_reason: str = Generation.FinishReason.EOS,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+) -> Generation:
+    """Record a reply that was written elsewhere (the command line's chat, in its own process
+    or through the gRPC service) as a finished generation, so the pages show it and a next turn
+    continues from its prompt and text. Nothing is sent to the worker. Raises UnknownModel."""
+    get_catalogue().get(model_id)
+    with transaction.atomic():
+        generation = Generation.objects.create(
+            model_id=model_id,
+            user_id=user.pk if user is not None else None,
+            prompt=_prompt_for(previous, messages),
+            params=params.model_dump(),
+            **Generation.end_values(
+                finish_reason,
+                text=text,
+                content=text,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            ),
+        )
     return generation
 
 
@@ -552,3 +586,23 @@ def validation_compare(
 ) -> _evaluation.ValidationReport:
     """The quality card of a candidate against its reference."""
     return _evaluation.compare_runs(candidate, reference)
+
+
+# What a library model may be exported to GGUF as, for forms and the command line.
+GGUF_EXPORT_TYPES = _export.EXPORT_TYPES
+
+
+def weights_export_gguf(
+    *,
+    source: Path,
+    dest: Path,
+    file_type: str,
+    progress: _progress.Progress,
+    work_path: Path | None = None,
+) -> _export.ExportResult:
+    """Export a model folder as the GGUF file `dest` (see inference.weights.export.export_gguf),
+    written at `work_path` and renamed into place; raises GGUFError, ConversionCancelled,
+    FileExistsError. Memory is given back after."""
+    return _export.export_gguf(
+        source, dest, file_type=file_type, progress=progress, work_path=work_path
+    )

@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mlxweb") -> int:
         handler: Handler = args.handler
         try:
             return handler(args, _verb_tokens(args_list, args.verb))
+        except SystemExit as e:  # a Django command's own exit (`serve --port 0`: 2)
+            return e.code if isinstance(e.code, int) else EXIT_FAILURE
         except DatabaseError as e:
             raise CLIError(
                 f"the database is not ready ({e}): `mlxweb serve` or `manage.py migrate` "
