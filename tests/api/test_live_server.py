@@ -66,8 +66,8 @@ def test_eight_api_streams_and_two_browser_chats_at_once(live_api: LiveApi) -> N
     async def everything() -> tuple[list[Any], list[str]]:
         streams = [_api_stream(client, i) for i in range(8)]
         sockets = [_chat_over_websocket(live_api, c, code) for c, code in chats]
-        results = await asyncio.gather(*streams, *sockets)
-        return list(results[:8]), list(results[8:])
+        results: list[Any] = list(await asyncio.gather(*streams, *sockets))
+        return results[:8], results[8:]
 
     streams, pages = asyncio.run(everything())
 

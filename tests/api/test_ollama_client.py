@@ -44,7 +44,7 @@ def test_num_predict_bounds_the_reply(client: ollama.Client) -> None:
 def test_generate_streams_and_takes_raw_prompts(client: ollama.Client) -> None:
     parts = list(client.generate(model="tiny", prompt="Once upon", raw=True, stream=True))
 
-    assert "".join(p.response for p in parts)
+    assert "".join(p.response or "" for p in parts)
     assert parts[-1].done
 
 
