@@ -153,6 +153,24 @@ class ApiSettings(_Strict):
         return value
 
 
+class GrpcSettings(_Strict):
+    """The gRPC service (inference.grpc): a Unix socket under the data folder, optionally TCP."""
+
+    # Whether `manage.py serve` starts it (`manage.py grpc_server` runs it on its own).
+    enabled: bool = True
+    # None: <var_dir>/grpc.sock. Relative paths are relative to the project root.
+    socket: Path | None = None
+    # Also listen on 127.0.0.1 at this port; None: the Unix socket only.
+    tcp_port: int | None = Field(None, ge=1, le=65535)
+
+    def socket_path(self, var_dir: Path) -> Path:
+        """Where the Unix socket is, given the resolved data folder."""
+        if self.socket is None:
+            return var_dir / "grpc.sock"
+        path = self.socket.expanduser()
+        return path if path.is_absolute() else BASE_DIR / path
+
+
 class ServerConfig(_Strict):
     """`configs/server.yaml`."""
 
@@ -194,6 +212,7 @@ class ServerConfig(_Strict):
     batch: BatchSettings = BatchSettings()
     library: LibrarySettings = LibrarySettings()
     api: ApiSettings = ApiSettings()
+    grpc: GrpcSettings = GrpcSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -290,6 +309,9 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_API_MAX_CHOICES": "api.max_choices",
     "MLXWEB_API_CORS_ORIGINS": "api.cors_origins",
     "MLXWEB_API_OPEN_ON_LOOPBACK": "api.open_on_loopback",
+    "MLXWEB_GRPC_ENABLED": "grpc.enabled",
+    "MLXWEB_GRPC_SOCKET": "grpc.socket",
+    "MLXWEB_GRPC_TCP_PORT": "grpc.tcp_port",
     # huggingface_hub's own variables, so that the library pulls where the hub client would.
     "HF_ENDPOINT": "hub.endpoint",
     "HF_HUB_CACHE": "hub.cache",
@@ -310,6 +332,7 @@ _VERBATIM_ENV = {
     "MLXWEB_MODELS_DIR",
     "MLXWEB_IMPORT_DIRS",
     "MLXWEB_API_CORS_ORIGINS",
+    "MLXWEB_GRPC_SOCKET",
     "HF_ENDPOINT",
     "HF_HUB_CACHE",
     "HF_HOME",

@@ -2,7 +2,8 @@
 
 daphne serves HTTP and websockets, as `mlxweb.server.BoundedServer` (request bodies bounded and
 streamed to the application, never buffered whole); unless a Redis URL moves it out, the inference
-worker runs on the same event loop (the in-memory channel layer only reaches within one process).
+worker runs on the same event loop (the in-memory channel layer only reaches within one process),
+and so does the gRPC server (`grpc.enabled`: its Unix socket, optionally localhost TCP).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Command(BaseCommand):
             "--no-worker", action="store_true", help="don't run the inference worker here"
         )
         parser.add_argument("--no-warm-up", action="store_true", help="don't preload the model")
+        parser.add_argument("--no-grpc", action="store_true", help="don't run the gRPC server here")
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Importing daphne.server installs Twisted's asyncio reactor: do it before the reactor.
@@ -47,6 +49,10 @@ class Command(BaseCommand):
             runner.prepare()
             warm_up = not options["no_warm_up"]
             reactor.callWhenRunning(lambda: runner.start_worker(warm_up=warm_up))  # type: ignore[attr-defined]
+        if settings.MLXWEB_CONFIG.server.grpc.enabled and not options["no_grpc"]:
+            from inference.grpc.server import run_in_reactor
+
+            run_in_reactor(reactor)
         host, port = options["host"], options["port"]
         # Model library jobs: a child Celery worker unless a Redis URL moves it out.
         job_worker = start_embedded_worker()
