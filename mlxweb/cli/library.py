@@ -116,11 +116,10 @@ def library_rows(tokens: list[str]) -> list[dict[str, Any]]:
 
 
 def _list(args: argparse.Namespace, tokens: list[str]) -> int:
-    from django.template.defaultfilters import filesizeformat
     from rich.markup import escape
     from rich.table import Table
 
-    from mlxweb.cli.output import console
+    from mlxweb.cli.output import console, size
 
     rows = library_rows(tokens)
     if args.json:
@@ -143,7 +142,7 @@ def _list(args: argparse.Namespace, tokens: list[str]) -> int:
             row["source"],
             escape(row["architecture"] or "?"),
             f"{row['bits']}-bit" if row["bits"] else "-",
-            filesizeformat(row["size_bytes"]),
+            size(row["size_bytes"]),
             escape(row["model_id"] or "-"),
             "yes" if row["loadable"] else "[red]no[/]",
         )
@@ -152,7 +151,7 @@ def _list(args: argparse.Namespace, tokens: list[str]) -> int:
     for line in problems:
         out.print(line)
     total = sum(row["size_bytes"] for row in rows)
-    out.print(f"{len(rows)} model(s), {filesizeformat(total)}", style="dim")
+    out.print(f"{len(rows)} model(s), {size(total)}", style="dim")
     return EXIT_OK
 
 

@@ -11,7 +11,6 @@ import sys
 
 from rich.console import Console
 
-
 # Tables piped to another program get this width (rich's default 80 squeezes their columns).
 PIPED_WIDTH = 200
 
@@ -30,3 +29,10 @@ def notes() -> Console:
 def note(text: str) -> None:
     """One dim line on stderr."""
     notes().print(text, style="dim", markup=False)
+
+
+def size(n: int) -> str:
+    """Bytes as the pages show them ("5.0 MB"), with a plain space for the terminal."""
+    from django.template.defaultfilters import filesizeformat
+
+    return str(filesizeformat(n)).replace("\xa0", " ")

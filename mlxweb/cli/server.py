@@ -176,11 +176,10 @@ def _status(args: argparse.Namespace, tokens: list[str]) -> int:
 
 
 def _print_status(status: dict[str, Any]) -> None:
-    from django.template.defaultfilters import filesizeformat
     from rich.markup import escape
     from rich.table import Table
 
-    from mlxweb.cli.output import console
+    from mlxweb.cli.output import console, size
 
     out = console()
     if status["running"]:
@@ -207,7 +206,7 @@ def _print_status(status: dict[str, Any]) -> None:
         for model in status["models"]:
             table.add_row(
                 escape(str(model["id"])),
-                filesizeformat(model["bytes"] or 0),
+                size(model["bytes"] or 0),
                 escape(str(model["loaded_at"] or "")),
             )
         out.print(table)
