@@ -346,6 +346,57 @@ class ValidateForm(_SourceForm):
         return {"source": self.cleaned_data["source"], "n_tokens": self.cleaned_data["n_tokens"]}
 
 
+EXPORT_TYPE_CHOICES = [
+    ("q8_0", "Q8_0: 8-bit blocks, close to the source"),
+    ("q4_0", "Q4_0: 4-bit blocks, smallest (embeddings stay Q8_0)"),
+    ("f16", "F16: 16-bit floats, as exact as the source allows"),
+]
+
+
+class ExportGGUFForm(_SourceForm):
+    """Export a model folder as a GGUF file for llama.cpp, into the models folder."""
+
+    file_type = forms.ChoiceField(choices=EXPORT_TYPE_CHOICES, initial="q8_0", label="Type")
+    path = forms.CharField(
+        required=False,
+        max_length=1000,
+        label="File",
+        widget=forms.TextInput(attrs={"placeholder": "my-model-Q8_0.gguf"}),
+        help_text="A .gguf file name in the models folder (or one of its folders); made up "
+        "if empty.",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if "source" not in data or "file_type" not in data:
+            return data
+        source = self.source_model
+        if source.source == LibraryModel.Source.GGUF:
+            self.add_error("source", f"{source.name} is a GGUF file already.")
+        elif not source.loadable:
+            self.add_error("source", f"mlx-lm cannot load {source.name}: {source.load_problem}")
+        elif source.model_type not in services.EXPORTABLE_MODEL_TYPES:
+            self.add_error(
+                "source",
+                f"{source.name} is a {source.model_type or 'model of unknown type'}: the GGUF "
+                "export knows llama-family (Llama, Mistral, SmolLM2) and Gemma 3 models.",
+            )
+        if self.errors:
+            return data
+        path = data.get("path") or services.gguf_export_default_name(
+            source.name, data["file_type"]
+        )
+        try:
+            data["path"] = str(services.gguf_export_path(path))
+        except services.LibraryError as e:
+            self.add_error("path", str(e))
+        return data
+
+    def job_params(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {"source": data["source"], "path": data["path"], "file_type": data["file_type"]}
+
+
 class DeleteForm(_SourceForm):
     """Delete a model from disk."""
 

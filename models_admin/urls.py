@@ -13,6 +13,7 @@ urlpatterns = [
     path("<uuid:code>/convert/", views.convert, name="convert"),
     path("<uuid:code>/quantize/", views.quantize, name="quantize"),
     path("<uuid:code>/validate/", views.validate, name="validate"),
+    path("<uuid:code>/export-gguf/", views.export_gguf, name="export_gguf"),
     path("<uuid:code>/delete/", views.delete, name="delete"),
     path("jobs/<uuid:code>/", views.job_detail, name="job_detail"),
     path("jobs/<uuid:code>/progress/", views.job_progress, name="job_progress"),

@@ -24,6 +24,7 @@ from models_admin import services
 from models_admin.forms import (
     ConvertForm,
     DeleteForm,
+    ExportGGUFForm,
     ImportGGUFForm,
     PullForm,
     QuantizeForm,
@@ -116,6 +117,7 @@ def index(request: HttpRequest) -> HttpResponse:
         "jobs": jobs,
         "pull_form": PullForm(),
         "import_form": ImportGGUFForm(),
+        "exportable_types": services.EXPORTABLE_MODEL_TYPES,
         "import_roots": services.import_roots(),
         "max_upload_bytes": settings.MLXWEB_MAX_UPLOAD_BYTES,
     }
@@ -272,6 +274,24 @@ def validate(request: HttpRequest, code: UUID) -> HttpResponse:
         action=request.path,
         entry=entry,
         record=record,
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@staff_required
+def export_gguf(request: HttpRequest, code: UUID) -> HttpResponse:
+    """GET: the export form (type and file name); POST: start the export job."""
+    entry = _get_library_model(code)
+    data = {**request.POST.dict(), "source": str(entry.code)} if request.method == "POST" else None
+    initial = {
+        "source": str(entry.code),
+        "path": services.gguf_export_default_name(entry.name, "q8_0"),
+    }
+    form = ExportGGUFForm(data, initial=initial)
+    if data is not None and form.is_valid():
+        return _start(request, "export_gguf", form.job_params())
+    return _form_page(
+        request, form, title=f"Export {entry.name} to GGUF", action=request.path, entry=entry
     )
 
 

@@ -8,7 +8,8 @@ Jobs (`jobs`): `job_create`, `job_cancel`, `job_retry`, `job_run`, `job_reap_dea
 `job_cleanup_staging`, and the registry of job kinds (`job_kind`, `get_job_kind`).
 Uploads (`uploads`): `upload_dir`, `upload_accept`.
 Job kinds, one module each under `kinds/`, each one registered service function: `model_pull`,
-`model_convert`, `model_quantize`, `model_import_gguf`, `model_validate`, `model_delete`.
+`model_convert`, `model_quantize`, `model_import_gguf`, `model_validate`, `model_delete`,
+`model_export_gguf` (with `gguf_export_path`, where an export may go).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from models_admin.services.jobs import (
 )
 from models_admin.services.kinds.convert import model_convert
 from models_admin.services.kinds.delete import model_delete
+from models_admin.services.kinds.export_gguf import (
+    EXPORTABLE_MODEL_TYPES,
+    gguf_export_default_name,
+    gguf_export_path,
+    model_export_gguf,
+)
 from models_admin.services.kinds.import_gguf import model_import_gguf
 from models_admin.services.kinds.pull import model_pull
 from models_admin.services.kinds.quantize import model_quantize
@@ -57,6 +64,7 @@ from models_admin.services.paths import (
 from models_admin.services.uploads import upload_accept, upload_dir
 
 __all__ = [
+    "EXPORTABLE_MODEL_TYPES",
     "GGUF_MAGIC",
     "NAME_PATTERN",
     "SOURCE_RECORD",
@@ -68,6 +76,8 @@ __all__ = [
     "UnknownJobKind",
     "default_model_name",
     "get_job_kind",
+    "gguf_export_default_name",
+    "gguf_export_path",
     "has_gguf_magic",
     "import_roots",
     "job_cancel",
@@ -88,6 +98,7 @@ __all__ = [
     "library_validations",
     "model_convert",
     "model_delete",
+    "model_export_gguf",
     "model_import_gguf",
     "model_pull",
     "model_quantize",

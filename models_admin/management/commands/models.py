@@ -8,6 +8,7 @@
     manage.py models quantize SOURCE --bits B [--group-size G] [--recipe R] [--name NAME]
     manage.py models import-gguf PATH [--name NAME] [--bits keep|B] [--group-size G]
     manage.py models validate SOURCE [--tokens N]
+    manage.py models export-gguf SOURCE PATH [--type f16|q8_0|q4_0]
     manage.py models delete SOURCE [--yes]
 
 SOURCE is a library model's code, name, chat id, hub repo id or path. Jobs run here, with a
@@ -30,12 +31,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.template.defaultfilters import filesizeformat
 
-from inference.services import CONVERT_DTYPES, QUANT_RECIPES
+from inference.services import CONVERT_DTYPES, GGUF_EXPORT_TYPES, QUANT_RECIPES
 from models_admin import services
 from models_admin.forms import (
     KEEP_BITS,
     ConvertForm,
     DeleteForm,
+    ExportGGUFForm,
     ImportGGUFForm,
     PullForm,
     QuantizeForm,
@@ -47,7 +49,10 @@ EXIT_USAGE = 2
 
 
 class Command(BaseCommand):
-    help = "List, pull, convert, quantize, import, validate and delete models in the library."
+    help = (
+        "List, pull, convert, quantize, import, validate, export and delete models in the "
+        "library."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -109,6 +114,22 @@ class Command(BaseCommand):
             "--tokens", type=int, default=32, help="greedy tokens compared per prompt"
         )
         self._add_background(validate)
+
+        export = sub.add_parser(
+            "export-gguf", help="export a model as a GGUF file (for llama.cpp) in the models folder"
+        )
+        export.add_argument("source")
+        export.add_argument(
+            "path", help="the .gguf file's name in the models folder, or a path inside it"
+        )
+        export.add_argument(
+            "--type",
+            dest="file_type",
+            default="q8_0",
+            choices=GGUF_EXPORT_TYPES,
+            help="the weights' type (q8_0 by default; q4_0 keeps the embeddings at q8_0)",
+        )
+        self._add_background(export)
 
         delete = sub.add_parser("delete", help="delete a model from disk")
         delete.add_argument("source")
@@ -215,6 +236,11 @@ class Command(BaseCommand):
         form = ValidateForm({"source": options["source"], "n_tokens": options["tokens"]})
         self._run("validate", form, options, outcome=_validation_lines)
 
+    def _handle_export_gguf(self, options: dict[str, Any]) -> None:
+        data = {key: options[key] for key in ("source", "path", "file_type")}
+        form = ExportGGUFForm(data)
+        self._run("export_gguf", form, options, outcome=_export_lines)
+
     def _handle_delete(self, options: dict[str, Any]) -> None:
         form = DeleteForm({"source": options["source"]})
         if not form.is_valid():
@@ -296,6 +322,15 @@ def _validation_lines(result: dict[str, Any]) -> list[str]:
             f"    {result['reference']}: {prompt['reference_text'].strip()[:200]!r}"
         )
     return lines
+
+
+def _export_lines(result: dict[str, Any]) -> list[str]:
+    types = ", ".join(f"{n} {t}" for t, n in result["tensor_types"].items())
+    size = filesizeformat(result["size_bytes"])
+    return [
+        f"Done: {result['path']} ({size}, {result['architecture']}, {types}) "
+        f"in {result['seconds']:.1f}s"
+    ]
 
 
 def _row_json(row: LibraryModel) -> dict[str, Any]:

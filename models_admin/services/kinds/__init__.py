@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from models_admin.services.kinds import convert, delete, import_gguf, pull, quantize, validate
+from models_admin.services.kinds import (
+    convert,
+    delete,
+    export_gguf,
+    import_gguf,
+    pull,
+    quantize,
+    validate,
+)
 
-__all__ = ["convert", "delete", "import_gguf", "pull", "quantize", "validate"]
+__all__ = ["convert", "delete", "export_gguf", "import_gguf", "pull", "quantize", "validate"]
