@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # How long calls in flight get to end when the server stops; the rest are cancelled, which
 # stops their generations (the text so far is kept).
 STOP_GRACE_S = 2.0
+# How long cancelled calls get to stop their generations after that.
+CLEANUP_S = 10.0
 
 
 class SocketInUse(OSError):
@@ -62,6 +64,7 @@ class GrpcServer:
         self.tcp_port = tcp_port
         self.server: Any = None
         self.health = health_aio.HealthServicer()
+        self.service = MlxwebService()
 
     @classmethod
     def from_settings(cls) -> GrpcServer:
@@ -88,7 +91,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_MlxwebServicer_to_server(MlxwebService(), server)
+        pb_grpc.add_MlxwebServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.socket_path is not None:
             claim_socket(self.socket_path)
@@ -120,6 +123,9 @@ class GrpcServer:
             return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        # grpc.aio cancels the calls still running but does not wait for them: their clean-up
+        # (stopping their generations) must run before the loop stops.
+        await self.service.wait_for_calls(CLEANUP_S)
         self.server = None
         self._remove_socket()
         logger.info("gRPC server stopped")

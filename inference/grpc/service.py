@@ -11,9 +11,12 @@ mapped to gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -327,14 +330,35 @@ class MlxwebService(pb_grpc.MlxwebServicer):
 
     Each call runs in a ThreadSensitiveContext of its own, as Django's ASGI handler runs each
     request: its database work gets a thread of its own instead of queueing behind every other
-    call's (and the in-process worker's) in the one shared thread.
+    call's (and the in-process worker's) in the one shared thread. The calls in flight are
+    known, so that stopping the server can wait for their clean-up (`wait_for_calls`).
     """
+
+    def __init__(self) -> None:
+        self.calls: set[asyncio.Task[Any]] = set()
+
+    @contextlib.asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls.add(task)
+        try:
+            async with ThreadSensitiveContext():
+                yield
+        finally:
+            self.calls.discard(task)
+
+    async def wait_for_calls(self, timeout: float) -> None:
+        """Wait until the calls in flight have ended (cancelled ones included: a cancelled
+        call still stops its generation, which needs the event loop to be running)."""
+        if self.calls:
+            await asyncio.wait(list(self.calls), timeout=timeout)
 
     # The streaming calls write through context.write rather than being async generators: a
     # coroutine is cancelled where it waits when the client goes away, so its clean-up (stopping
     # the generation) always runs then, not whenever a suspended generator is collected.
     async def Chat(self, request: pb.ChatRequest, context: Any) -> None:  # type: ignore[override]
-        async with ThreadSensitiveContext():
+        async with self._call():
             try:
                 caller = await authenticate(context)
                 model_id = await database_sync_to_async(_model_of)(request.model)
@@ -348,7 +372,7 @@ class MlxwebService(pb_grpc.MlxwebServicer):
                 await _fail(context, failed)
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> None:  # type: ignore[override]
-        async with ThreadSensitiveContext():
+        async with self._call():
             try:
                 caller = await authenticate(context)
                 if not request.prompt:
@@ -376,7 +400,7 @@ class MlxwebService(pb_grpc.MlxwebServicer):
                 await _fail(context, failed)
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
-        async with ThreadSensitiveContext():
+        async with self._call():
             try:
                 caller = await authenticate(context)
                 if not request.model:
@@ -403,7 +427,7 @@ class MlxwebService(pb_grpc.MlxwebServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
-        async with ThreadSensitiveContext():
+        async with self._call():
             try:
                 await authenticate(context)
                 models = await database_sync_to_async(_models)(request.available_only, request.task)
@@ -412,7 +436,7 @@ class MlxwebService(pb_grpc.MlxwebServicer):
         return pb.ListModelsResponse(models=models)
 
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
-        async with ThreadSensitiveContext():
+        async with self._call():
             try:
                 caller = await authenticate(context)
                 stopped = await database_sync_to_async(_cancel)(caller, request.code)
@@ -422,5 +446,5 @@ class MlxwebService(pb_grpc.MlxwebServicer):
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
         # Like GET /health: no key, nothing about anyone's requests.
-        async with ThreadSensitiveContext():
+        async with self._call():
             return await database_sync_to_async(_status)()

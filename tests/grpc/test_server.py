@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket as sockets
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxweb.client import Client, Delta, Finished, Started
+from mlxweb.client import Client, ClientError, Delta, Finished, Started
 from tests.chat.test_scaleout import scaled_site  # noqa: F401
 from tests.support.live import ROOT, Site, free_port, write_configs
 from tests.support.waiting import wait_until
@@ -68,6 +69,33 @@ def test_serve_stops_it_cleanly_and_never_takes_a_live_socket(site: Site) -> Non
     assert site.stop("web") == 0
     assert "gRPC server stopped" in site.log("web")
     assert not socket.exists()
+
+
+def test_stopping_the_server_mid_reply_ends_the_call_and_keeps_the_text(site: Site) -> None:
+    create_user = "from django.contrib.auth.models import User; User.objects.create_user('ada')"
+    site.manage("shell", "-c", create_user)
+    key = site.manage("api_keys", "create", "--user", "ada", "--name", "grpc").split()[-1]
+    socket = Path(site.env["MLXWEB_VAR_DIR"]) / "grpc.sock"
+    site.serve("--no-warm-up")
+    with Client(str(socket), api_key=key) as client:
+        wait_until(client.is_serving, timeout=60, what="the gRPC server")
+        events = client.chat(model="tiny", messages=HELLO, max_tokens=2000, temperature=0)
+        started = next(events)
+        assert isinstance(started, Started) and isinstance(next(events), Delta)
+
+        assert site.stop("web") == 0
+        with pytest.raises(ClientError) as error:
+            list(events)
+
+    assert error.value.code in {"CANCELLED", "UNAVAILABLE"}
+    db = sqlite3.connect(site.env["MLXWEB_DATABASE_URL"].removeprefix("sqlite:///"))
+    with db:
+        state, text = db.execute(
+            "SELECT state, text FROM inference_generation WHERE code = ?",
+            (started.code.replace("-", ""),),
+        ).fetchone()
+    db.close()
+    assert state in {"stopped", "interrupted"} and text
 
 
 def test_a_stale_socket_is_replaced(site: Site) -> None:
