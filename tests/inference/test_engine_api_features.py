@@ -168,3 +168,65 @@ def _token_id_of(engine: Engine, text: str) -> int:
 
 
 _ = (Callable, Finished, json, jsonschema)
+
+
+# --------------------------------------------------------------------------- templates with tools
+
+
+QWEN_LIKE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}:"
+    "{{ c.function.arguments | tojson }}</call>{% endfor %}"
+    "{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}{% endfor %}<|assistant|>"
+)
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_calls_as_values(
+    tiny_model_dir: Path,
+) -> None:
+    from mlx_lm import load
+
+    from inference.engine import _template, _template_messages, _template_renders_tools
+
+    tokenizer = load(str(tiny_model_dir))[1]
+    assert not _template_renders_tools(tokenizer)  # SmolLM2's ChatML ignores tools
+    tokenizer._tokenizer.chat_template = QWEN_LIKE
+    assert _template_renders_tools(tokenizer)
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    stored = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    messages = _template_messages(stored, tools=tools, native_tools=True, developer=False)
+    assert messages[0]["role"] == "system"
+    text = tokenizer.decode(_template(tokenizer, messages, tools))
+    assert "<tools>get_weather;</tools>" in text
+    assert '<call>get_weather:{"city": "Paris"}</call>' in text
+    assert "<|tool|>sunny[c1]" in text
+
+
+def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
+    from inference.engine import _template_messages
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    stored = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f"}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c"},
+    ]
+    messages = _template_messages(stored, tools=tools, native_tools=False, developer=False)
+    assert messages[0]["content"].startswith("Be brief.\n\n")
+    assert '"name": "f"' in messages[0]["content"] and "<tools>" in messages[0]["content"]
+    assert messages[1] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
+    }
+    assert messages[2] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
