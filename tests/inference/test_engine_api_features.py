@@ -195,7 +195,7 @@ def test_a_template_that_renders_tools_gets_them_and_the_calls_as_values(
     assert _template_renders_tools(tokenizer)
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-    stored = [
+    stored: list[dict[str, Any]] = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": "Weather?"},
         {
@@ -217,7 +217,7 @@ def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
     from inference.engine import _template_messages
 
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    stored = [
+    stored: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f"}]},
         {"role": "tool", "content": "42", "tool_call_id": "c"},
