@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_it_imports_without_django_or_celery() -> None:
     ("params", "named"),
     [({"temprature": 0.5}, "temprature"), ({"top_k": "many"}, "top_k"), ({"seed": 2**70}, "seed")],
 )
-def test_it_names_an_option_it_cannot_send(params: dict[str, object], named: str) -> None:
+def test_it_names_an_option_it_cannot_send(params: dict[str, Any], named: str) -> None:
     with Client("127.0.0.1:1", api_key="k") as client, pytest.raises(ClientError) as error:
         next(client.generate(model="tiny", prompt="hi", **params))
 
