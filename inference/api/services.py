@@ -90,36 +90,37 @@ def api_key_authenticate(*, secret: str) -> ApiKey | None:
     return key
 
 
-def bearer_token(request: HttpRequest) -> str | None:
-    """The token of an `Authorization: Bearer ...` header, or None."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer ...` header's value, or None."""
+    scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
 
 
-def _open_on_loopback(request: HttpRequest) -> bool:
-    if not _api_settings().open_on_loopback or settings.MLXWEB_PRODUCTION:
-        return False
-    return request.META.get("REMOTE_ADDR") in LOOPBACK_ADDRESSES
-
-
-def api_caller(request: HttpRequest) -> ApiCaller | None:
-    """Who the request acts as, from its bearer key; None when it may not use the API.
-
-    The browser session never counts: only a key (or, when configured, a loopback address
-    without any Authorization header) does.
-    """
-    token = bearer_token(request)
+def caller_for(*, authorization: str | None, local: bool) -> ApiCaller | None:
+    """Who a call acts as, from its Authorization header's bearer key; None when it may not use
+    the API. A call with no Authorization at all acts as a keyless caller only when it comes
+    from this machine (`local`) and `api.open_on_loopback` allows it, never in production mode.
+    HTTP and gRPC both ask here."""
+    token = bearer_token(authorization)
     if token is None:
-        if "Authorization" not in request.headers and _open_on_loopback(request):
+        open_here = _api_settings().open_on_loopback and not settings.MLXWEB_PRODUCTION
+        if authorization is None and local and open_here:
             return ApiCaller(user=None, key_id=None)
         return None
     key = api_key_authenticate(secret=token)
     if key is None:
         return None
     return ApiCaller(user=key.user, key_id=key.pk)
+
+
+def api_caller(request: HttpRequest) -> ApiCaller | None:
+    """Who an HTTP request acts as (see `caller_for`); the browser session never counts."""
+    return caller_for(
+        authorization=request.headers.get("Authorization"),
+        local=request.META.get("REMOTE_ADDR") in LOOPBACK_ADDRESSES,
+    )
 
 
 def request_admit(*, caller: ApiCaller) -> int | None:

@@ -93,31 +93,22 @@ def status_of(error: Exception, *, model_id: str) -> CallFailed | None:
 # --- who is calling ---------------------------------------------------------------------------
 
 
-def _open_to_local_peers(context: Any) -> bool:
-    # HTTP's `api.open_on_loopback` (inference.api.services): the same setting, and the same
-    # refusal in production mode. Every gRPC peer is local (a Unix socket or 127.0.0.1), but
-    # check the peer anyway in case a listener is ever added elsewhere.
-    if not settings.MLXWEB_CONFIG.server.api.open_on_loopback or settings.MLXWEB_PRODUCTION:
-        return False
-    peer = str(context.peer() or "")
-    return peer.startswith(("unix:", "ipv4:127.0.0.1:", "ipv6:[::1]:"))
+# Every gRPC peer is local (a Unix socket or 127.0.0.1), but the peer is checked anyway in case
+# a listener is ever added elsewhere.
+_LOCAL_PEERS = ("unix:", "ipv4:127.0.0.1:", "ipv6:[::1]:")
 
 
 async def authenticate(context: Any) -> api.ApiCaller:
-    """Who the call acts as, from its bearer key, admitted against the key's requests per
-    minute; raises CallFailed (UNAUTHENTICATED, RESOURCE_EXHAUSTED) otherwise."""
+    """Who the call acts as, from its bearer key (as on HTTP: `inference.api.services.
+    caller_for`), admitted against the key's requests per minute; raises CallFailed
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED) otherwise."""
     metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
-    header = metadata.get("authorization")
-    if header is None and _open_to_local_peers(context):
-        caller = api.ApiCaller(user=None, key_id=None)
-    else:
-        scheme, _, token = str(header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, NO_KEY)
-        key = await database_sync_to_async(api.api_key_authenticate)(secret=token.strip())
-        if key is None:
-            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, NO_KEY)
-        caller = api.ApiCaller(user=key.user, key_id=key.pk)
+    caller = await database_sync_to_async(api.caller_for)(
+        authorization=metadata.get("authorization"),
+        local=str(context.peer() or "").startswith(_LOCAL_PEERS),
+    )
+    if caller is None:
+        raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, NO_KEY)
     retry_after = await database_sync_to_async(api.request_admit)(caller=caller)
     if retry_after is not None:
         raise CallFailed(
