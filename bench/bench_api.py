@@ -38,6 +38,7 @@ from mlxweb.launcher import ensure_fast_blas  # noqa: E402
 ensure_fast_blas(sys.argv)
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -77,6 +78,9 @@ EMBED_TEXTS = (
     "What is the capital of France, and how many people live there?",
     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
 )
+MAX_RETRIES = 5
+RESETS: collections.Counter[str] = collections.Counter()  # connections reset, per server
+_RESETS_LOCK = threading.Lock()
 CONSTRAINT_PROMPT = "Describe a famous scientist as JSON, with a long list of tags."
 
 # The issue's targets (ratios ours / mlx_lm.server). "Level" allows run-to-run noise.
@@ -227,15 +231,35 @@ def estimate_seconds(settings: Settings) -> float:
 # --------------------------------------------------------------------------- the client
 
 
-def _stream_chat(port: int, body: dict[str, Any], headers: dict[str, str], stream: Stream) -> None:
+def _stream_chat(
+    who: str, port: int, body: dict[str, Any], headers: dict[str, str], stream: Stream
+) -> None:
     """One streaming POST /v1/chat/completions; fills `stream` (blocking). Both servers get
-    their requests from here, so the client's own cost is the same for both."""
+    their requests from here, so the client's own cost is the same for both.
+
+    A connection the server resets before any text came is tried again, up to MAX_RETRIES
+    times, as the openai client does; the TTFT counts from the first try and RESETS[who]
+    counts the resets (mlx_lm.server's listening socket has a backlog of 5)."""
     payload = json.dumps(
         {**body, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
     )
+    sent = time.perf_counter()
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            _stream_once(port, payload, headers, stream)
+            break
+        except ConnectionError:  # reset, refused, aborted; RemoteDisconnected
+            if stream.first is not None or attempt == MAX_RETRIES:
+                raise
+            with _RESETS_LOCK:
+                RESETS[who] += 1
+            time.sleep(0.05 * 2**attempt)
+    stream.sent = sent
+
+
+def _stream_once(port: int, payload: str, headers: dict[str, str], stream: Stream) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=chat.REQUEST_TIMEOUT_S)
     try:
-        stream.sent = time.perf_counter()
         connection.request(
             "POST",
             "/v1/chat/completions",
@@ -301,10 +325,16 @@ class Theirs(chat.ServerPath):
     name = THEIRS
 
     def _request(self, messages: list[dict[str, str]], max_tokens: int, stream: Stream) -> None:
-        _stream_chat(self.port, {"messages": messages, "max_tokens": max_tokens}, {}, stream)
+        _stream_chat(
+            THEIRS, self.port, {"messages": messages, "max_tokens": max_tokens}, {}, stream
+        )
 
     def batch(self, prompts: list[str], max_tokens: int) -> Batch:
-        return _threaded(lambda s, p: self._request(chat._user(p), max_tokens, s), prompts)
+        try:
+            return _threaded(lambda s, p: self._request(chat._user(p), max_tokens, s), prompts)
+        except BenchError:
+            self.dump_log()
+            raise
 
 
 class Ours:
@@ -365,7 +395,7 @@ class Ours:
         self, messages: list[dict[str, str]], max_tokens: int, stream: Stream, **extra: Any
     ) -> None:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, **extra}
-        _stream_chat(self.port, body, self.headers, stream)
+        _stream_chat(OURS, self.port, body, self.headers, stream)
 
     def single(self, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> Stream:
         stream = Stream()
@@ -373,7 +403,11 @@ class Ours:
         return stream
 
     def batch(self, prompts: list[str], max_tokens: int) -> Batch:
-        return _threaded(lambda s, p: self.request(chat._user(p), max_tokens, s), prompts)
+        try:
+            return _threaded(lambda s, p: self.request(chat._user(p), max_tokens, s), prompts)
+        except BenchError:
+            self.app.dump_log()
+            raise
 
     def embed(self, model: str, texts: list[str]) -> float:
         """One POST /v1/embeddings; its wall time in seconds."""
@@ -821,6 +855,8 @@ def render_report(settings: Settings, results: Results, elapsed: float) -> str:
         "## Notes",
         "",
         *chat._early_endings([ours, theirs], base),
+        "- connections reset before any text and tried again by the client (TTFT counts from "
+        "the first try): " + "; ".join(f"{name} {RESETS[name]}" for name in (OURS, THEIRS)) + ".",
         *chat._foreign_notes(
             [*results.cold.values(), *results.turns.values()],
             [*results.cold, *(f"{k} (turns)" for k in results.turns)],
