@@ -93,7 +93,7 @@ TARGET_EMBED_MS = 20.0  # per sample (the MLXR target)
 EST_DECODE_TPS = 14.0
 EST_PREFILL_S = 0.45
 EST_AGGREGATE_CAP_TPS = 120.0
-EST_STARTS_S = 100.0  # two starts of each server, the float32 copy
+EST_STARTS_S = 45.0  # two starts of each server, the float32 copy (a smoke run: ~35 s)
 
 
 # --------------------------------------------------------------------------- settings
@@ -222,7 +222,7 @@ def estimate_seconds(settings: Settings) -> float:
     total += s.repeats * 2 * s.turns * (0.35 + s.turn_max_tokens / EST_DECODE_TPS)
     if not settings.skip_constraint:
         total += s.repeats * 2 * per_reply  # over the API, ours only, free and constrained
-        total += 20 + s.repeats * 2 * (1 + settings.constraint_tokens / EST_DECODE_TPS)
+        total += 10 + s.repeats * 2 * (1 + settings.constraint_tokens / EST_DECODE_TPS)
     if settings.embed_model:
         total += 10 + s.repeats * 2 * settings.embed_samples * 0.03
     return total
