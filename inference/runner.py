@@ -29,8 +29,7 @@ def start_worker(*, warm_up: bool = True) -> asyncio.Task[None]:
         channel_layer=get_channel_layer(),
     )
     task = asyncio.ensure_future(worker.arun())
-    # The runtime's heartbeat tells web processes the worker is alive before any request.
-    inference_worker.WorkerRuntime.current()
+    asyncio.ensure_future(_start_runtime())
     logger.info(
         "inference worker %s listening on %r",
         inference_worker.WORKER_ID,
@@ -39,6 +38,13 @@ def start_worker(*, warm_up: bool = True) -> asyncio.Task[None]:
     if warm_up:
         asyncio.ensure_future(asyncio.to_thread(_warm_up))
     return task
+
+
+async def _start_runtime() -> None:
+    """Start the worker's runtime (event pump and heartbeat) on the loop once it runs, so web
+    processes see the worker alive before any request. `serve` calls `start_worker` from
+    Twisted's startup triggers, before the asyncio loop is running."""
+    inference_worker.WorkerRuntime.current()
 
 
 def _warm_up() -> None:

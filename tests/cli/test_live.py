@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,19 +11,13 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.cli.conftest import MLXWEB, ROOT
 from tests.support.live import Site, free_port, wait_for_port, write_configs
-
-pytestmark = [
-    pytest.mark.skipif(not MLXWEB.exists(), reason="pip install -e . makes the script"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("mlxweb.client") is None,
-        reason="the gRPC client (mlxweb.client, issue 12) has not landed",
-    ),
-]
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -79,10 +72,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 
 
 def test_status_finds_the_server_mlxweb_serve_started(served: Served) -> None:
-    result = served.mlxweb("status", "--json")
+    # Before any request: the worker's heartbeat starts with the server (serve starts the
+    # worker from Twisted's startup triggers, before the asyncio loop runs).
+    def status() -> dict[str, Any]:
+        result = served.mlxweb("status", "--json")
+        assert result.returncode == 0, result.stderr + served.site.log("web")
+        return dict(json.loads(result.stdout))
 
-    data = json.loads(result.stdout)
-    assert result.returncode == 0, result.stderr + served.site.log("web")
+    data = wait_until(
+        lambda: (s := status())["worker"]["alive"] and s, timeout=60, what="the worker alive"
+    )
     assert data["running"] is True
     assert data["url"] == f"http://127.0.0.1:{served.site.port}/"
     assert data["grpc"] == f"unix://{served.root / 'var' / 'grpc.sock'}"
