@@ -100,7 +100,7 @@ def main() -> None:
 
     def run(constrained: bool) -> tuple[float, float]:
         generator = BatchGenerator(model, max_tokens=args.tokens, completion_batch_size=8)
-        processors = (
+        processors: list[list[Any]] = (
             [[Timed(new_matcher(ll_tokenizer, grammar), vocab, eos)]] if constrained else [[]]
         )
         generator.insert([prompt], max_tokens=[args.tokens], logits_processors=processors)

@@ -33,7 +33,9 @@ ensure_venv() {
   if [ ! -f "$stamp" ]; then
     echo "Installing mlxweb and its pinned dependencies into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".${extra:+[$extra]}"
+    # Packages built from source (llama-cpp-python, in the test extra) use every core.
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+      .venv/bin/python -m pip install --quiet -e ".${extra:+[$extra]}"
     rm -f .venv/.mlxweb-installed-*
     touch "$stamp"
   fi

@@ -13,8 +13,6 @@ import pytest
 
 from tests.cli.conftest import MLXWEB, ROOT
 
-pytestmark = pytest.mark.skipif(not MLXWEB.exists(), reason="pip install -e . makes the script")
-
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("_ARC", "COMP_"))}
