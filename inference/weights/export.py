@@ -70,6 +70,9 @@ _BLOCK = 32
 # Token types (gguf.TokenType).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+# llama.cpp's name for GPT-2's pre-tokenizer (its "default" splits digits and punctuation
+# differently; "gpt2" is unknown to it).
+_GPT2_PRE = "gpt-2"
 
 
 class GGUFExportError(GGUFError):
@@ -595,7 +598,7 @@ def _pre_tokenizer_name(spec: dict[str, Any], source: Path, progress: Progress |
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return _GPT2_PRE
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -611,7 +614,7 @@ def _pre_tokenizer_name(spec: dict[str, Any], source: Path, progress: Progress |
     logger.warning(message)
     if progress is not None:
         progress.log(message)
-    return "gpt2"
+    return _GPT2_PRE
 
 
 def _adds_space_prefix(spec: dict[str, Any]) -> bool:

@@ -201,7 +201,7 @@ def _byte_level_pre_tokenizer(pre_name: str) -> Any:
     if pre_name == "smollm":
         # llama.cpp's smollm pre-tokenizer splits digits one by one before the GPT-2 regex.
         return pre.Sequence([pre.Digits(individual_digits=True), byte_level])
-    if pre_name not in ("default", "gpt2"):
+    if pre_name not in ("default", "gpt2", "gpt-2"):
         logger.warning("unknown GGUF pre-tokenizer %r: using GPT-2's", pre_name)
     return byte_level
 

@@ -109,7 +109,7 @@ def test_it_writes_the_hyperparameters_and_the_tokenizer(tiny_hf: Path, tmp_path
     assert metadata["llama.attention.head_count_kv"] == config["num_key_value_heads"]
     assert metadata["llama.rope.dimension_count"] == 32
     assert metadata["tokenizer.ggml.model"] == "gpt2"
-    assert metadata["tokenizer.ggml.pre"] == "gpt2"
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2"
     assert len(metadata["tokenizer.ggml.tokens"]) == config["vocab_size"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
     assert list(metadata["tokenizer.ggml.merges"]) == merges
