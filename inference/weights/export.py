@@ -206,6 +206,9 @@ def _write(
     vocab_rows = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     check_cancelled(progress)
 
+    # The writer tells at INFO level which endianness and temporary file it writes: chatter
+    # that would land between a command's progress bars. What it warns about still shows.
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(None, architecture)
     writer.add_name(source.name)
     writer.add_type("model")
