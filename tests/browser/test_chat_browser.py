@@ -62,22 +62,23 @@ def test_it_streams_a_reply_token_by_token(first_user_page: Page, live_site) -> 
     _start_chat(page, "Hello, who are you?")
     expect(page.locator("article.user").last).to_contain_text("Hello, who are you?")
     expect(page.locator("article.assistant .body.md")).to_have_count(1, timeout=60_000)
+    # Record every length the streamed text takes, as the page changes: a sample taken now and
+    # then can miss the steps on a loaded machine.
+    page.evaluate(
+        """() => {
+            window.streamedLengths = [];
+            new MutationObserver(() => {
+                const e = [...document.querySelectorAll('article.assistant .streaming')].pop();
+                if (e) window.streamedLengths.push(e.textContent.length);
+            }).observe(document.body, {childList: true, subtree: true, characterData: true});
+        }"""
+    )
     _send(page, "Tell me more", max_tokens=400)
 
-    streaming = page.locator("article.assistant .streaming").last
-    expect(streaming).to_be_visible(timeout=30_000)
-    # Sample the streamed text's length without waiting on an element that may go at any time.
-    lengths = set()
-    for _ in range(200):
-        length = page.evaluate(
-            "() => { const e = [...document.querySelectorAll('article.assistant .streaming')]"
-            ".pop(); return e ? e.textContent.length : -1 }"
-        )
-        if length < 0:
-            break
-        lengths.add(length)
-        page.wait_for_timeout(10)
-    assert len(lengths) >= 3, f"the text did not grow in steps: {sorted(lengths)}"
+    expect(page.locator("article.assistant .streaming").last).to_be_visible(timeout=30_000)
+    expect(page.locator("article.assistant .body.md")).to_have_count(2, timeout=120_000)
+    lengths = set(page.evaluate("() => window.streamedLengths"))
+    assert len(lengths - {0}) >= 3, f"the text did not grow in steps: {sorted(lengths)}"
 
     final = page.locator("article.assistant").last
     expect(final.locator(".body.md")).to_be_visible(timeout=60_000)
