@@ -15,7 +15,7 @@ import sys
 from io import StringIO
 from typing import Any
 
-from mlxweb.cli import EXIT_OK, EXIT_USAGE, CLIError, verb_parser
+from mlxweb.cli import EXIT_OK, CLIError, verb_parser
 
 # The job verbs of `manage.py models`, in the order `mlxweb --help` lists them.
 JOB_VERBS = ("pull", "import-gguf", "convert", "quantize", "validate", "delete", "export-gguf")
@@ -44,23 +44,9 @@ def add_verbs(verbs: Any) -> None:
     jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
 
     for verb in JOB_VERBS:
-        if verb in parsers:
-            verb_parser(
-                verbs,
-                verb,
-                _job,
-                help=helps.get(verb, ""),
-                parents=[parsers[verb]],
-                add_help=False,
-            )
-        elif verb == "export-gguf":
-            # TODO: the export engineer adds the verb to manage.py models (issue 12); once it is
-            # there the loop above copies it and this placeholder is never built.
-            missing = verb_parser(
-                verbs, verb, _missing, help="export a library model to GGUF (not available yet)"
-            )
-            missing.add_argument("model")
-            missing.add_argument("path")
+        verb_parser(
+            verbs, verb, _job, help=helps.get(verb, ""), parents=[parsers[verb]], add_help=False
+        )
 
 
 class _LibraryCommand:
@@ -99,12 +85,6 @@ def call_models(*tokens: str, stdout: Any = None) -> None:
 def _job(args: argparse.Namespace, tokens: list[str]) -> int:
     call_models(args.verb, *tokens)
     return EXIT_OK
-
-
-def _missing(args: argparse.Namespace, tokens: list[str]) -> int:
-    raise CLIError(
-        "export-gguf is not in this version of `manage.py models` yet", code=EXIT_USAGE
-    )
 
 
 def library_rows(tokens: list[str]) -> list[dict[str, Any]]:
