@@ -49,6 +49,8 @@ class ModelSpec:
     configured: bool = True
     # What the model is for: "generate" (chat, completions) or "embed" (sentence vectors).
     task: Literal["generate", "embed"] = "generate"
+    # Seconds to keep it loaded after its last request (-1: for good); None: the server's.
+    keep_alive: float | None = None
 
     def local_path(self) -> Path | None:
         """The file or directory holding the weights, or None if they are not here."""
@@ -89,6 +91,7 @@ def _spec_from_config(model: ModelConfig, models_dir: Path) -> ModelSpec:
         "chat_template": model.chat_template,
         "sampling": model.sampling.model_dump(exclude_none=True),
         "task": model.task,
+        "keep_alive": model.keep_alive,
     }
     if source.kind == "gguf":
         assert source.gguf is not None

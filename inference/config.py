@@ -6,12 +6,75 @@ the project's config loader (`mlxweb.config`) builds them from the YAML files.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 ModelId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
+
+# The longest a model may be kept loaded after its last request (longer: keep it, with -1).
+MAX_KEEP_ALIVE_S = 30 * 24 * 3600
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(value: Any) -> float:
+    """Seconds in a duration written as Ollama and Go write them: a number of seconds (300,
+    "300", -1) or units ("5m", "1h30m", "90s"). Negative values stay negative (Ollama's
+    "keep loaded"). Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            seconds = sign * float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"not a duration: {value!r} (e.g. 300, 90s, 5m, 1h)") from None
+            seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a duration: {value!r}")
+    return seconds
+
+
+def _keep_alive(value: Any) -> Any:
+    if value is None:
+        return None
+    seconds = duration_seconds(value)
+    return -1.0 if seconds < 0 else seconds
+
+
+def _bounded_keep_alive(value: float | None) -> float | None:
+    if value is not None and value > MAX_KEEP_ALIVE_S:
+        raise ValueError(
+            f"at most {MAX_KEEP_ALIVE_S // 86400} days; -1 keeps the model loaded for good"
+        )
+    return value
+
+
+# How long a model stays loaded after its last request ends, in seconds: 0 unloads it at once,
+# a negative value (normalized to -1) keeps it loaded. Written as seconds or "30s", "5m", "1h".
+KeepAlive = Annotated[
+    float | None, BeforeValidator(_keep_alive), AfterValidator(_bounded_keep_alive)
+]
 
 
 class StrictSchema(BaseModel):
@@ -99,4 +162,9 @@ class ModelConfig(StrictSchema):
     chat_template: str | None = None
     task: Literal["generate", "embed"] = Field(
         "generate", description="generate text (chat, completions) or embed sentences"
+    )
+    keep_alive: KeepAlive = Field(
+        None,
+        description="unload the model this long after its last request (seconds, or 30s, 5m, "
+        "1h; 0: right after it; -1: never); left out: the server's keep_alive",
     )

@@ -7,6 +7,11 @@ request, which the engine thread calls with `Started`, `Delta` and `Finished` ev
 Embedding requests (`embed`) are computed on the same thread, a batch of texts at a time
 between generation steps, and answered through their `reply` callback.
 
+A model may have a keep-alive (its config's `keep_alive`, else the server's, else changed by
+`unload_after`, Ollama's `keep_alive`): once no request for it has run for that long, the
+engine thread unloads it and gives its memory back. While the thread waits for work, it waits
+no longer than the next such deadline.
+
 Each loaded model has one mlx-lm `BatchGenerator`: a request that arrives while others decode is
 inserted into the running batch, so concurrent chats stream at the same time. The engine adds
 what the generator leaves to its caller: the chat template, context trimming, the prompt-prefix
@@ -20,6 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -158,6 +164,15 @@ class _Stop:
     pass
 
 
+@dataclass
+class _UnloadAfter:
+    model_id: str
+    seconds: float | None  # None: keep it loaded
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    expires_at: float | None = None  # epoch seconds, once applied
+
+
 @dataclass(frozen=True)
 class _Embed:
     model_id: str
@@ -252,6 +267,7 @@ class Engine:
         completion_batch_size: int = 32,
         prefill_step_size: int = 2048,
         cpu_float32_max_bytes: int = 0,
+        keep_alive: float | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.converted_dir = Path(converted_dir)
@@ -264,6 +280,8 @@ class Engine:
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
         self.cpu_float32_max_bytes = cpu_float32_max_bytes
+        # Seconds an idle model stays loaded when its config says nothing (None: for good).
+        self.keep_alive = _keep_alive_or_none(keep_alive)
 
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Guards _state and every put on the inbox, so that once the thread has drained the
@@ -283,6 +301,11 @@ class Engine:
         self._loaded_info: tuple[dict[str, Any], ...] = ()
         self._embedders: OrderedDict[str, SentenceEmbedder] = OrderedDict()  # LRU first
         self._embed_jobs: deque[_EmbedJob] = deque()
+        # Keep-alive of each loaded model (None: kept until evicted; also an `unload_after`
+        # waiting for a queued request's model to load) and, for the idle ones, the monotonic
+        # time they are unloaded at.
+        self._ttl: dict[str, float | None] = {}
+        self._deadlines: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -340,8 +363,32 @@ class Engine:
             raise command.error
 
     def loaded_models(self) -> list[dict[str, Any]]:
-        """The models in memory: {"model_id", "bytes", "loaded_at" (epoch seconds)} each."""
+        """The models in memory: {"model_id", "bytes", "loaded_at", "expires_at"} each (epoch
+        seconds; `expires_at` is None while the model is kept: no keep-alive, or requests for
+        it are running)."""
         return [dict(info) for info in self._loaded_info]
+
+    def unload_after(self, model_id: str, seconds: float | None) -> float | None:
+        """Ollama's keep_alive: unload `model_id` once it has been idle for `seconds` (0: as
+        soon as no request for it runs; None or negative: keep it loaded), counted from now or
+        from the end of the requests for it that are running or queued.
+
+        A model that is not loaded is loaded first, unless `seconds` is 0. The setting lasts
+        while the model stays loaded; loaded again later, it has its configured keep-alive.
+        Blocks until applied (and the model unloaded, if that is due now). Returns when it will
+        be unloaded (epoch seconds), None if not planned; raises what loading raised.
+        """
+        if seconds is not None and not math.isfinite(seconds):
+            raise ValueError(f"keep-alive must be a finite number of seconds, not {seconds}")
+        command = _UnloadAfter(model_id, _keep_alive_or_none(seconds))
+        with self._lock:
+            if self._state != "running":
+                raise RuntimeError(f"engine is {self._state}")
+            self._inbox.put(command)
+        command.done.wait()
+        if command.error is not None:
+            raise command.error
+        return command.expires_at
 
     def embed(self, model_id: str, texts: list[str], reply: EmbeddingReply) -> None:
         """Compute sentence vectors of `texts` with an embedding model; `reply` hears the
@@ -385,12 +432,13 @@ class Engine:
         self._stream = mx.default_stream(mx.default_device())
         logger.info("engine started")
         try:
-            while self._handle_commands(block=not self._busy()):
+            while self._handle_commands(block=not self._busy(), timeout=self._next_expiry_in()):
                 self._admit_pending()
                 for slot in list(self._slots.values()):
                     if slot.active:
                         self._step(slot)
                 self._embed_step()
+                self._expire_idle()
         except BaseException as e:
             logger.exception("engine thread died")
             self._shutdown("dead", "error", f"engine crashed: {type(e).__name__}: {e}")
@@ -407,10 +455,11 @@ class Engine:
     def _busy(self) -> bool:
         return bool(self._embed_jobs) or any(slot.active for slot in self._slots.values())
 
-    def _handle_commands(self, *, block: bool) -> bool:
-        """Apply queued commands (waiting for one if `block`); False once told to stop."""
+    def _handle_commands(self, *, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued commands (waiting for one if `block`, up to `timeout` seconds); False
+        once told to stop."""
         try:
-            command = self._inbox.get() if block else self._inbox.get_nowait()
+            command = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
         while True:
@@ -424,6 +473,8 @@ class Engine:
                 self._on_load(command)
             elif isinstance(command, _Embed):
                 self._on_embed(command)
+            elif isinstance(command, _UnloadAfter):
+                self._on_unload_after(command)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
@@ -483,6 +534,93 @@ class Engine:
         finally:
             command.done.set()
 
+    def _on_unload_after(self, command: _UnloadAfter) -> None:
+        model_id, seconds = command.model_id, command.seconds
+        try:
+            if not self._is_loaded(model_id):
+                if self._in_use(model_id):
+                    # Queued for a model still to load: it loads with this keep-alive.
+                    self._ttl[model_id] = seconds
+                    return
+                if seconds == 0:
+                    return  # not loaded, and not to be kept: nothing to do
+                load = _Load(model_id)
+                self._on_load(load)
+                if load.error is not None:
+                    raise load.error
+            self._ttl[model_id] = seconds
+            # The new keep-alive counts from now (or from the end of the running requests).
+            self._deadlines.pop(model_id, None)
+            self._set_expiry(model_id, None)
+            self._expire_idle()
+            command.expires_at = next(
+                (i["expires_at"] for i in self._loaded_info if i["model_id"] == model_id), None
+            )
+            logger.info(
+                "model %s: keep-alive %s",
+                model_id,
+                "forever" if seconds is None else f"{seconds:g}s",
+            )
+        except Exception as e:
+            command.error = e
+        finally:
+            command.done.set()
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def _is_loaded(self, model_id: str) -> bool:
+        return model_id in self._slots or model_id in self._embedders
+
+    def _in_use(self, model_id: str) -> bool:
+        """Whether a request for the model is running or waiting in the engine."""
+        slot = self._slots.get(model_id)
+        return (
+            (slot is not None and bool(slot.active))
+            or any(p.submit.request.model_id == model_id for p in self._pending)
+            or any(job.command.model_id == model_id for job in self._embed_jobs)
+        )
+
+    def _default_keep_alive(self, spec: ModelSpec) -> float | None:
+        if spec.keep_alive is not None:
+            return _keep_alive_or_none(spec.keep_alive)
+        return self.keep_alive
+
+    def _set_expiry(self, model_id: str, expires_at: float | None) -> None:
+        self._loaded_info = tuple(
+            {**info, "expires_at": expires_at} if info["model_id"] == model_id else info
+            for info in self._loaded_info
+        )
+
+    def _expire_idle(self) -> None:
+        """Start the clock of each loaded model that just went idle, stop it for the ones in
+        use, and unload those whose keep-alive is over."""
+        now = time.monotonic()
+        for model_id in (*self._slots, *self._embedders):
+            ttl = self._ttl.get(model_id)
+            if ttl is None or self._in_use(model_id):
+                if self._deadlines.pop(model_id, None) is not None:
+                    self._set_expiry(model_id, None)
+            elif model_id not in self._deadlines:
+                self._deadlines[model_id] = now + ttl
+                self._set_expiry(model_id, time.time() + ttl)
+        for model_id, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                logger.info("model %s: idle past its keep-alive", model_id)
+                if model_id in self._slots:
+                    self._unload(model_id)
+                else:
+                    self._unload_embedder(model_id)
+
+    def _next_expiry_in(self) -> float | None:
+        """Seconds until the next idle model is due to unload; None when none is."""
+        if not self._deadlines:
+            return None
+        return max(0.0, min(self._deadlines.values()) - time.monotonic())
+
+    def _forget_keep_alive(self, model_id: str) -> None:
+        self._ttl.pop(model_id, None)
+        self._deadlines.pop(model_id, None)
+
     # ------------------------------------------------------------------ models
 
     def _can_load(self) -> bool:
@@ -520,9 +658,15 @@ class Engine:
             output=OutputFormat.for_tokenizer(loaded.tokenizer),
         )
         self._slots[spec.id] = slot
+        self._ttl.setdefault(spec.id, self._default_keep_alive(spec))
         self._loaded_info = (
             *self._loaded_info,
-            {"model_id": spec.id, "bytes": _model_bytes(loaded.model), "loaded_at": time.time()},
+            {
+                "model_id": spec.id,
+                "bytes": _model_bytes(loaded.model),
+                "loaded_at": time.time(),
+                "expires_at": None,
+            },
         )
         return slot
 
@@ -542,6 +686,7 @@ class Engine:
         import mlx.core as mx
 
         slot = self._slots.pop(model_id)
+        self._forget_keep_alive(model_id)
         self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != model_id)
         slot.generator.close()
         del slot
@@ -953,10 +1098,7 @@ class Engine:
         if not spec.is_available:
             raise _EmbedRefused("unavailable", f"model {model_id!r}: its weights are not here")
         while len(self._embedders) >= MAX_LOADED_EMBEDDERS:
-            # A job still running keeps its own reference: evicting only forgets the model.
-            evicted, _ = self._embedders.popitem(last=False)
-            self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != evicted)
-            logger.info("unloaded embedding model %s", evicted)
+            self._unload_embedder(next(iter(self._embedders)))
         began = time.perf_counter()
         try:
             embedder = load_embedder(spec)
@@ -964,13 +1106,27 @@ class Engine:
             raise _EmbedRefused("error", str(e)) from e
         metrics.model_loaded(spec.id, time.perf_counter() - began)
         self._embedders[model_id] = embedder
+        self._ttl.setdefault(model_id, self._default_keep_alive(spec))
         info = {
             "model_id": spec.id,
             "bytes": _model_bytes(embedder.model),
             "loaded_at": time.time(),
+            "expires_at": None,
         }
         self._loaded_info = (*self._loaded_info, info)
         return embedder
+
+    def _unload_embedder(self, model_id: str) -> None:
+        import mlx.core as mx
+
+        # A job still running keeps its own reference: unloading only forgets the model (the
+        # keep-alive never unloads one in use).
+        del self._embedders[model_id]
+        self._forget_keep_alive(model_id)
+        self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != model_id)
+        gc.collect()
+        mx.clear_cache()
+        logger.info("unloaded embedding model %s", model_id)
 
     def _embed_step(self) -> None:
         """Compute one batch of the embedding request whose turn it is (round robin)."""
@@ -1028,7 +1184,7 @@ class Engine:
         for command in leftovers:
             if isinstance(command, _Submit):
                 _safe_emit(command.emit, Finished(command.request.id, reason, 0, 0, error=error))
-            elif isinstance(command, _Load):
+            elif isinstance(command, _Load | _UnloadAfter):
                 command.error = RuntimeError(f"engine is {state}")
                 command.done.set()
             elif isinstance(command, _Embed):
@@ -1046,6 +1202,11 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _keep_alive_or_none(seconds: float | None) -> float | None:
+    """A keep-alive in seconds, None for "keep it loaded" (Ollama writes that as negative)."""
+    return None if seconds is None or seconds < 0 else float(seconds)
 
 
 def _template(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,7 @@ from django.db import transaction
 from django.db.models import Max
 
 from inference.catalogue import ModelSpec, ModelUnavailable, UnknownModel, get_catalogue
-from inference.config import ModelConfig
+from inference.config import MAX_KEEP_ALIVE_S, ModelConfig
 from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
 from inference.weights import convert as _convert
@@ -54,6 +55,70 @@ def model_get(*, model_id: str) -> ModelSpec:
 
 def default_model_id() -> str:
     return get_catalogue().default_model_id
+
+
+# How long a keep-alive change may wait for the worker (it may load the model first).
+MODEL_KEEP_ALIVE_TIMEOUT_S = 300.0
+
+
+class ModelLoadFailed(RuntimeError):
+    """The worker could not load the model (or did not answer in time); the message says why."""
+
+
+def _keep_alive_seconds(seconds: float | None) -> float | None:
+    if seconds is None or seconds < 0:
+        return None
+    if not math.isfinite(seconds):
+        raise ValueError(f"seconds must be a finite number, not {seconds}")
+    return min(float(seconds), float(MAX_KEEP_ALIVE_S))
+
+
+async def amodel_unload_after(*, model_id: str, seconds: float | None) -> datetime | None:
+    """Ollama's keep_alive: have the worker unload `model_id` once it has been idle for
+    `seconds` (0: as soon as no request for it runs, which for an idle model is now; None or
+    negative: keep it loaded; at most 30 days). The time counts from now, or from the end of
+    the model's requests that are running or queued. A model that is not loaded is loaded
+    first, unless `seconds` is 0; the setting lasts while it stays loaded.
+
+    Goes to the inference worker ("model.unload_after" with a reply channel) and waits until
+    it is applied. Returns when the model will be unloaded, None if not planned (kept, still
+    in use, or no longer loaded). Raises UnknownModel, ValueError (a non-finite number) and
+    ModelLoadFailed.
+    """
+    value = _keep_alive_seconds(seconds)
+    spec = await sync_to_async(model_get, thread_sensitive=False)(model_id=model_id)
+    layer = get_channel_layer()
+    assert layer is not None, "CHANNEL_LAYERS is not configured"
+    reply_channel = await layer.new_channel()
+    await layer.send(
+        settings.INFERENCE_CHANNEL,
+        {
+            "type": "model.unload_after",
+            "model_id": spec.id,
+            "seconds": value,
+            "reply_channel": reply_channel,
+        },
+    )
+    try:
+        answer = await asyncio.wait_for(layer.receive(reply_channel), MODEL_KEEP_ALIVE_TIMEOUT_S)
+    except TimeoutError as e:
+        raise ModelLoadFailed(
+            f"no answer from the inference worker within {MODEL_KEEP_ALIVE_TIMEOUT_S:.0f}s"
+        ) from e
+    if answer.get("type") == "model.keep_alive":
+        from django.utils.dateparse import parse_datetime
+
+        expires = answer.get("expires_at")
+        return parse_datetime(expires) if isinstance(expires, str) else None
+    error = str(answer.get("error") or "the worker could not apply the keep-alive")
+    if answer.get("kind") == "unknown_model":
+        raise UnknownModel(error)
+    raise ModelLoadFailed(error)
+
+
+def model_unload_after(*, model_id: str, seconds: float | None) -> datetime | None:
+    """`amodel_unload_after` for synchronous callers (not from inside a running event loop)."""
+    return async_to_sync(amodel_unload_after)(model_id=model_id, seconds=seconds)
 
 
 def generation_params(

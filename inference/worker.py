@@ -70,6 +70,7 @@ def get_engine() -> Any:
                 completion_batch_size=server.batch.completion_batch_size,
                 prefill_step_size=server.batch.prefill_step_size,
                 cpu_float32_max_bytes=server.cpu_float32_max_bytes,
+                keep_alive=server.keep_alive,
             )
             _engine.start()
         return _engine
@@ -86,6 +87,10 @@ def stop_engine() -> None:
 
 def _now(ts: float | None = None) -> datetime:
     return datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
+
+
+def _iso_or_none(ts: float | None) -> str | None:
+    return None if ts is None else _now(ts).isoformat()
 
 
 @dataclass
@@ -274,7 +279,7 @@ class WorkerRuntime:
                         "model_id": info["model_id"],
                         "bytes": info["bytes"],
                         "loaded_at": _now(info["loaded_at"]).isoformat(),
-                        "expires_at": None,
+                        "expires_at": _iso_or_none(info.get("expires_at")),
                     }
                 )
         self._update_gauges()
@@ -562,9 +567,61 @@ async def _serve_embedding(message: dict[str, Any], reply_channel: str) -> None:
     )
 
 
+# --- keep-alive ------------------------------------------------------------------------------
+
+_keep_alive_tasks: set[asyncio.Task[None]] = set()
+
+
+def _keep_alive_refusal(message: dict[str, Any]) -> str:
+    """Why a "model.unload_after" message is malformed, "" if it is fine (anything may put
+    messages on the channel, not only `inference.services.model_unload_after`)."""
+    seconds = message.get("seconds")
+    if not isinstance(message.get("model_id"), str):
+        return "model_id must be a string"
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds != seconds
+    ):
+        return "seconds must be a number or null"
+    return ""
+
+
+async def _serve_unload_after(message: dict[str, Any]) -> None:
+    """Apply a model's keep-alive on the engine thread, write the heartbeat at once (so
+    /api/ps and /health show the change) and answer the reply channel, if any."""
+    from inference.catalogue import UnknownModel
+
+    layer = get_channel_layer()
+    reply_channel = message.get("reply_channel")
+    answer: dict[str, Any]
+    refusal = _keep_alive_refusal(message)
+    if refusal:
+        answer = {"type": "model.error", "error": refusal, "kind": "invalid"}
+    else:
+        model_id, seconds = message["model_id"], message["seconds"]
+        try:
+            engine = _engine
+            if seconds == 0 and (engine is None or not engine.alive):
+                expires_at = None  # nothing loaded: nothing to unload, nothing to start
+            else:
+                engine = await asyncio.to_thread(get_engine)
+                expires_at = await asyncio.to_thread(engine.unload_after, model_id, seconds)
+            answer = {"type": "model.keep_alive", "expires_at": _iso_or_none(expires_at)}
+        except UnknownModel as e:
+            answer = {"type": "model.error", "error": str(e), "kind": "unknown_model"}
+        except Exception as e:
+            logger.warning("keep-alive for %s failed: %s", model_id, e)
+            answer = {"type": "model.error", "error": str(e) or type(e).__name__, "kind": "error"}
+        try:
+            await WorkerRuntime.current().write_heartbeat()
+        except Exception:
+            logger.exception("could not write the worker's heartbeat")
+    if isinstance(reply_channel, str) and reply_channel:
+        await layer.send(reply_channel, answer)
+
+
 class InferenceWorker(AsyncConsumer):
-    """Handles `generation.start`, `generation.stop`, `generation.sync` and
-    `embedding.request` on the channel."""
+    """Handles `generation.start`, `generation.stop`, `generation.sync`,
+    `embedding.request` and `model.unload_after` on the channel."""
 
     async def generation_start(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().start(str(message["code"]))
@@ -583,3 +640,10 @@ class InferenceWorker(AsyncConsumer):
         )
         _embedding_tasks.add(task)
         task.add_done_callback(_embedding_tasks.discard)
+
+    async def model_unload_after(self, message: dict[str, Any]) -> None:
+        # A task of its own: loading a model takes seconds, and generation messages behind
+        # this one must not wait for it.
+        task = asyncio.get_running_loop().create_task(_serve_unload_after(message))
+        _keep_alive_tasks.add(task)
+        task.add_done_callback(_keep_alive_tasks.discard)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 # The model schemas are the inference app's (its engine imports them without the project).
-from inference.config import ModelConfig, ModelId
+from inference.config import KeepAlive, ModelConfig, ModelId
 from inference.config import StrictSchema as _Strict
 
 __all__ = [
@@ -204,6 +204,9 @@ class ServerConfig(_Strict):
     login: LoginSettings = LoginSettings()
     hub: HubSettings = HubSettings()
     max_loaded_models: int = Field(1, ge=1, le=16)
+    # How long a model stays loaded after its last request (seconds, or "5m"; 0: unload at
+    # once; None or negative: keep it until evicted). A model's own keep_alive comes first.
+    keep_alive: KeepAlive = None
     # Without a GPU, models whose float32 weights fit in this many bytes are served in float32
     # (quantized MLX matmuls are scalar loops on x86; float32 uses BLAS). 0: always as stored.
     cpu_float32_max_bytes: int = Field(2 * 1024**3, ge=0)
@@ -288,6 +291,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_MODELS_DIR": "models_dir",
     "MLXWEB_ALLOW_SIGNUP": "allow_signup",
     "MLXWEB_MAX_LOADED_MODELS": "max_loaded_models",
+    "MLXWEB_KEEP_ALIVE": "keep_alive",
     "MLXWEB_CPU_FLOAT32_MAX_BYTES": "cpu_float32_max_bytes",
     "MLXWEB_MAX_CONCURRENT_STREAMS": "limits.max_concurrent_streams",
     "MLXWEB_MAX_PROMPT_TOKENS": "limits.max_prompt_tokens",

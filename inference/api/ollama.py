@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +31,8 @@ from inference.api.replies import ReplyStream, answer_of, reasoning_of, tool_cal
 from inference.catalogue import ModelSpec, UnknownModel
 from inference.models import Generation
 from inference.schemas import ChatMessage, GenerationParams
+
+logger = logging.getLogger(__name__)
 
 # The Ollama API version this one follows (clients check it for features, not mlxweb's own).
 OLLAMA_VERSION = "0.12.0"
@@ -205,27 +209,57 @@ def keep_alive_seconds(value: KeepAlive) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ApiError(400, f"keep_alive: not a duration: {value!r}", param="keep_alive")
         return None if value < 0 else float(value)
     text = value.strip()
     if text.startswith("-"):
         return None
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise ApiError(400, f"keep_alive: not a duration: {value!r}", param="keep_alive")
+        return number
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ApiError(400, f"keep_alive: not a duration: {value!r}", param="keep_alive")
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
-async def _keep_alive(model_id: str, value: KeepAlive) -> None:
-    """Pass keep_alive to the worker where it can take it (else it is accepted and ignored:
-    the worker keeps `max_loaded_models` models, least recently used first out)."""
-    seconds = keep_alive_seconds(value)
-    unload_after = getattr(inference, "model_unload_after", None)
-    if unload_after is not None and value is not None:
-        await database_sync_to_async(unload_after)(model_id=model_id, seconds=seconds)
+def _default_keep_alive(model_id: str) -> float | None:
+    """The keep-alive a model loads with: its config's, else the server's (None: kept)."""
+    from django.conf import settings
+
+    spec = inference.model_get(model_id=model_id)
+    seconds = spec.keep_alive
+    if seconds is None:
+        seconds = settings.MLXWEB_CONFIG.server.keep_alive
+    return None if seconds is None or seconds < 0 else seconds
+
+
+async def _keep_alive(model_id: str, seconds: float | None) -> None:
+    """Tell the worker how long to keep the model loaded once idle (0: unload it now or when
+    its running requests end; None: keep it)."""
+    try:
+        await inference.amodel_unload_after(model_id=model_id, seconds=seconds)
+    except UnknownModel as e:
+        raise _unknown(model_id) from e
+    except inference.ModelLoadFailed as e:
+        raise ApiError(503, f"model '{model_id}': {e}") from e
+
+
+async def _load_or_unload(model_id: str, value: KeepAlive, key: str) -> dict[str, Any]:
+    """Ollama's request with a model and no prompt: load the model (with the keep_alive
+    given, else its default), or with keep_alive 0 unload it."""
+    if value is None:
+        seconds = await database_sync_to_async(_default_keep_alive)(model_id)
+    else:
+        seconds = keep_alive_seconds(value)
+    await _keep_alive(model_id, seconds)
+    return _load_only(model_id, key, unloaded=seconds == 0)
 
 
 def _now() -> str:
@@ -274,9 +308,9 @@ def _ndjson(lines: AsyncIterator[str]) -> StreamingHttpResponse:
     return response
 
 
-def _load_only(model_id: str, key: str) -> dict[str, Any]:
+def _load_only(model_id: str, key: str, *, unloaded: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model_id, "created_at": _now(), "done": True}
-    body["done_reason"] = "load"
+    body["done_reason"] = "unload" if unloaded else "load"
     if key == "message":
         body["message"] = {"role": "assistant", "content": ""}
     else:
@@ -293,8 +327,11 @@ async def _run(
     prompt_text: str | None,
     stream_it: bool,
     key: Literal["message", "response"],
+    keep_alive: KeepAlive = None,
 ) -> Any:
     caller = caller_of(request)
+    # Read before the generation exists, so a bad value is a 400 with nothing started.
+    keep_alive_s = keep_alive_seconds(keep_alive)
     started = time.monotonic()
     stream = ReplyStream(
         user=caller.user,
@@ -305,6 +342,14 @@ async def _run(
     )
     admission = _Admission(caller, 1)
     await _open(stream, admission)
+    if keep_alive is not None:
+        # After the generation is handed to the worker, so the keep-alive counts from the end
+        # of this request (0: the model is unloaded once the reply is done), not from now.
+        try:
+            await _keep_alive(model_id, keep_alive_s)
+        except ApiError as e:
+            # The reply itself says what is wrong with the model; the keep-alive is advice.
+            logger.warning("keep_alive for %s not applied: %s", model_id, e.message)
 
     def piece(text: str, thinking: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {"model": model_id, "created_at": _now()}
@@ -395,9 +440,8 @@ async def chat(request: HttpRequest, body: ChatRequest) -> Any:
     params = await database_sync_to_async(_params)(
         body.model, body.options, body.format, body.tools
     )
-    await _keep_alive(body.model, body.keep_alive)
     if not messages:
-        return _load_only(body.model, "message")
+        return await _load_or_unload(body.model, body.keep_alive, "message")
     return await _run(
         request,
         model_id=body.model,
@@ -406,6 +450,7 @@ async def chat(request: HttpRequest, body: ChatRequest) -> Any:
         prompt_text=None,
         stream_it=body.stream,
         key="message",
+        keep_alive=body.keep_alive,
     )
 
 
@@ -414,9 +459,8 @@ async def generate(request: HttpRequest, body: GenerateRequest) -> Any:
     if body.images:
         raise ApiError(400, "images: images are not supported", param="images")
     params = await database_sync_to_async(_params)(body.model, body.options, body.format)
-    await _keep_alive(body.model, body.keep_alive)
     if not body.prompt:
-        return _load_only(body.model, "response")
+        return await _load_or_unload(body.model, body.keep_alive, "response")
     if body.raw:
         messages: list[ChatMessage] = []
         prompt_text: str | None = body.prompt
@@ -433,6 +477,7 @@ async def generate(request: HttpRequest, body: GenerateRequest) -> Any:
         prompt_text=prompt_text,
         stream_it=body.stream,
         key="response",
+        keep_alive=body.keep_alive,
     )
 
 
@@ -576,6 +621,8 @@ async def embed(request: HttpRequest, body: EmbedRequest) -> Any:
     started = time.monotonic()
     texts = [body.input] if isinstance(body.input, str) else body.input
     result = await _embed(request, body.model, texts)
+    if body.keep_alive is not None:
+        await _keep_alive(body.model, keep_alive_seconds(body.keep_alive))
     return {
         "model": body.model,
         "embeddings": result.vectors,
@@ -590,4 +637,6 @@ async def embed(request: HttpRequest, body: EmbedRequest) -> Any:
 )
 async def embeddings(request: HttpRequest, body: LegacyEmbedRequest) -> Any:
     result = await _embed(request, body.model, [body.prompt])
+    if body.keep_alive is not None:
+        await _keep_alive(body.model, keep_alive_seconds(body.keep_alive))
     return {"embedding": result.vectors[0]}
