@@ -22,10 +22,11 @@ def _render(partial: str, context: dict[str, Any]) -> str:
 
 
 def model_choices() -> list[dict[str, Any]]:
-    """The picker's options; unavailable models are shown but cannot be chosen."""
+    """The picker's options: the models that generate text (embedding models cannot chat);
+    unavailable ones are shown but cannot be chosen."""
     return [
         {"id": spec.id, "name": spec.name, "available": spec.is_available}
-        for spec in inference.model_list()
+        for spec in inference.model_list(task="generate")
     ]
 
 
