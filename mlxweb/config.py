@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The model schemas are the inference app's (its engine imports them without the project).
 from inference.config import KeepAlive, ModelConfig, ModelId
@@ -28,6 +35,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ServerConfig",
+    "ToolsSettings",
     "load_config",
 ]
 
@@ -171,6 +179,50 @@ class GrpcSettings(_Strict):
         return path if path.is_absolute() else BASE_DIR / path
 
 
+# The tool groups (inference.tools.<group>), in the order their tools are offered.
+ToolGroup = Literal["browser", "python", "patch", "mcp"]
+
+
+def _executor_settings(group: str, value: Any) -> Any:
+    # Each executor owns its settings model (inference.tools.<group>); while a module is not there
+    # yet its section is kept as written and the registry skips the group.
+    from inference.tools.registry import settings_model
+
+    model = settings_model(group)
+    if model is None:
+        return dict(value or {})
+    if isinstance(value, model):
+        return value
+    return model.model_validate(value or {})
+
+
+class ToolsSettings(_Strict):
+    """`tools:`: what the models may call in chats that turn tools on, and API requests that ask
+    for server-side tools (issue 11). Each group's settings are its executor's own model."""
+
+    # Groups offered; a group whose executor is unavailable is skipped.
+    enabled: tuple[ToolGroup, ...] = Field(("browser", "python", "patch", "mcp"), max_length=4)
+    # Model turns with tool calls in one reply before it must answer without tools.
+    max_rounds: int = Field(4, ge=1, le=32)
+    # Seconds one tool call may take.
+    timeout: float = Field(60.0, gt=0, le=3600)
+    # validate_default: a left-out section gets the executor's defaults.
+    browser: Any = Field(None, validate_default=True)
+    python: Any = Field(None, validate_default=True)
+    patch: Any = Field(None, validate_default=True)
+    mcp: Any = Field(None, validate_default=True)
+
+    @field_validator("browser", "python", "patch", "mcp", mode="before")
+    @classmethod
+    def _group_settings(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return _executor_settings(info.field_name, value)
+
+    def settings_for(self, group: str) -> Any:
+        """The executor settings for `group` (its pydantic model, or a dict while it is absent)."""
+        return getattr(self, group)
+
+
 class ServerConfig(_Strict):
     """`configs/server.yaml`."""
 
@@ -216,6 +268,7 @@ class ServerConfig(_Strict):
     library: LibrarySettings = LibrarySettings()
     api: ApiSettings = ApiSettings()
     grpc: GrpcSettings = GrpcSettings()
+    tools: ToolsSettings = ToolsSettings()
 
     @model_validator(mode="before")
     @classmethod
