@@ -86,6 +86,13 @@ class PullForm(forms.Form):
         }
 
 
+def _embedding_refusal(source: LibraryModel, done: str) -> str:
+    return (
+        f"{source.name} is an embedding model: it is served as it is, and cannot be {done} "
+        "(mlx-lm's conversions are for models that generate text)."
+    )
+
+
 class _SourceForm(forms.Form):
     """A form about one library model, named by code, name, chat id, repo id or path."""
 
@@ -120,6 +127,9 @@ class ConvertForm(_SourceForm):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         if "source" not in data:
+            return data
+        if self.source_model.is_embedding:
+            self.add_error("source", _embedding_refusal(self.source_model, "converted"))
             return data
         if not self.source_model.loadable:
             self.add_error(
@@ -174,6 +184,9 @@ class QuantizeForm(_SourceForm):
         if "source" not in data or "bits" not in data:
             return data
         source = self.source_model
+        if source.is_embedding:
+            self.add_error("source", _embedding_refusal(source, "quantized"))
+            return data
         if not source.is_mlx:
             self.add_error("source", f"{source.name} is not an MLX model: convert it instead.")
             return data
@@ -332,7 +345,9 @@ class ValidateForm(_SourceForm):
         if "source" not in data:
             return data
         source = self.source_model
-        if not source.is_mlx:
+        if source.is_embedding:
+            self.add_error("source", _embedding_refusal(source, "validated"))
+        elif not source.is_mlx:
             self.add_error("source", f"{source.name} is not an MLX model.")
         elif services.library_source_record(path=source.path) is None:
             self.add_error(

@@ -21,6 +21,7 @@ from inference import services as inference_services
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class ScannedModel:
     """What the disk says about one model."""
@@ -39,7 +40,7 @@ class ScannedModel:
 
 # Part of every signature: raised when what a scan reads from a model changes, so the next scan
 # after an upgrade reads every model again instead of keeping details the old code read.
-DETAILS_VERSION = 2
+DETAILS_VERSION = 3  # 3: `task`, and embedding folders judged by the embedding loader
 
 
 def path_signature(paths: list[Path]) -> tuple[str, int, datetime | None]:

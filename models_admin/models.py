@@ -19,6 +19,10 @@ class LibraryModel(models.Model):
         HF_CACHE = "hf_cache", "Hugging Face cache"
         GGUF = "gguf", "GGUF file"
 
+    class Task(models.TextChoices):
+        GENERATE = "generate", "generates text"
+        EMBED = "embed", "embedding"
+
     code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     name = models.CharField(max_length=300)
     source = models.CharField(max_length=16, choices=Source.choices)
@@ -28,6 +32,9 @@ class LibraryModel(models.Model):
     repo_id = models.CharField(max_length=200, blank=True)
     revision = models.CharField(max_length=64, blank=True)
 
+    # What the model is for: chat and completions, or sentence vectors (a sentence-transformers
+    # folder). It decides which loader judges `loadable` and which actions the page offers.
+    task = models.CharField(max_length=16, choices=Task.choices, default=Task.GENERATE)
     architecture = models.CharField(max_length=100, blank=True)
     model_type = models.CharField(max_length=100, blank=True)
     parameter_count = models.BigIntegerField(null=True, blank=True)
@@ -38,7 +45,9 @@ class LibraryModel(models.Model):
     dtype = models.CharField(max_length=20, blank=True)
     size_bytes = models.BigIntegerField(default=0)
     is_mlx = models.BooleanField(default=False, help_text="saved by MLX (mlx-lm's layout)")
-    loadable = models.BooleanField(default=False, help_text="mlx-lm can load it")
+    loadable = models.BooleanField(
+        default=False, help_text="mlx-lm (the embedding loader, for an embedding model) can load it"
+    )
     load_problem = models.CharField(max_length=300, blank=True)
     has_chat_template = models.BooleanField(default=False)
     context_length = models.PositiveIntegerField(null=True, blank=True)
@@ -57,6 +66,11 @@ class LibraryModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_embedding(self) -> bool:
+        """An embedding model: no chat, and none of mlx-lm's convert, quantize or validate."""
+        return self.task == self.Task.EMBED
 
     @property
     def quantization(self) -> str:

@@ -19,12 +19,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from inference.weights.gguf.reader import GGUFError, read_summary
+from inference.weights.sentence import (
+    SentenceModelError,
+    is_sentence_transformer_dir,
+    read_pipeline,
+)
 
 logger = logging.getLogger(__name__)
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # GGUF tensor types that MLX's own `mx.load` reads (quantized ones straight into its layout).
 _GGUF_MLX_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+# What the embedding loader (inference.embeddings.BertConfig) needs from a config.json.
+_BERT_SETTINGS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+_BERT_ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ def unreadable_details(problem: str) -> dict[str, Any]:
     """The details of a model nothing could be read from, `problem` saying why; every
     inspector's result has these keys."""
     return {
+        "task": "generate",
         "architecture": "",
         "model_type": "",
         "parameter_count": None,
@@ -193,10 +209,43 @@ def _header_or_empty(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _embedding_problem(path: Path, config: dict[str, Any], weight_files: list[Path]) -> str:
+    """Why the embedding loader (a BERT encoder with sentence-transformers' pooling, in
+    inference.embeddings) cannot load the sentence-transformers folder at `path`; "" if it
+    can. The same checks it makes, read from the small files only (no mlx here)."""
+    model_type = config.get("model_type")
+    if model_type != "bert":
+        return f"the embedding loader implements BERT encoders, not {model_type!r}"
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        return "only absolute position embeddings are implemented"
+    missing = [name for name in _BERT_SETTINGS if not isinstance(config.get(name), int)]
+    if missing:
+        return f"config.json lacks BERT setting(s): {', '.join(missing)}"
+    if config.get("hidden_act", "gelu") not in _BERT_ACTIVATIONS:
+        return f"unsupported activation {config.get('hidden_act')!r}"
+    if config["num_attention_heads"] <= 0 or config["hidden_size"] % config["num_attention_heads"]:
+        return "hidden_size is not a multiple of num_attention_heads"
+    try:
+        read_pipeline(path)
+    except SentenceModelError as e:
+        return str(e)
+    if not weight_files:
+        return "no safetensors weights"
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+        return "no tokenizer.json or vocab.txt"
+    return ""
+
+
 def inspect_hf_dir(path: Path) -> dict[str, Any]:
-    """Details of a Hugging Face-format (or MLX) model folder."""
+    """Details of a Hugging Face-format (or MLX) model folder.
+
+    `task` is "embed" for a folder sentence-transformers saved (as the catalogue decides) and
+    "generate" otherwise; whether it is `loadable` is judged by the loader that would load it:
+    the embedding loader for the one, mlx-lm for the other.
+    """
     config = _read_json(path / "config.json")
     details = unreadable_details("")
+    details["task"] = "embed" if is_sentence_transformer_dir(path) else "generate"
     details["has_chat_template"] = _has_chat_template(path)
     if config is None:
         details["load_problem"] = "no readable config.json"
@@ -233,6 +282,8 @@ def inspect_hf_dir(path: Path) -> dict[str, Any]:
         problem = f"incomplete: {len(missing)} weight file(s) missing ({missing[0]}...)"
     elif not model_type:
         problem = "config.json names no model_type"
+    elif details["task"] == "embed":
+        problem = _embedding_problem(path, config, weight_files)
     elif not mlx_lm_supports(model_type):
         problem = f"mlx-lm does not implement model type {model_type!r}"
     elif config.get("model_file"):
@@ -294,5 +345,3 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         details["load_problem"] = f"tensor types {', '.join(unsupported)}: import it to convert"
     details["loadable"] = not details["load_problem"]
     return details
-
-
