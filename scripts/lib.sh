@@ -53,3 +53,16 @@ ensure_openblas() {
       || echo "Could not install OpenBLAS; MLX will use its bundled reference BLAS." >&2
   fi
 }
+
+# The python tool (issue 11) runs code only inside bubblewrap; without it the tool is unavailable.
+# Best effort: root and apt only.
+ensure_bubblewrap() {
+  [ "$(uname -s)" = Linux ] || return 0
+  command -v bwrap >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing bubblewrap (the Python tool's sandbox)"
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+      || echo "Could not install bubblewrap; the python tool will be unavailable." >&2
+  fi
+}
