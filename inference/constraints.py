@@ -33,8 +33,25 @@ class ConstraintError(ValueError):
     """The request's schema or tools cannot be turned into a grammar; the message says why."""
 
 
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` whose objects with listed properties allow no others unless they say
+    so, as OpenAI's strict mode has it. Without it llguidance lets a small model add made-up keys
+    to a tool call's arguments until it runs out of tokens. Walks the schema without recursion."""
+    copy: dict[str, Any] = json.loads(json.dumps(schema))
+    stack: list[Any] = [copy]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return copy
+
+
 def _call_schema(tool: ToolSpec) -> dict[str, Any]:
-    parameters = tool.parameters or {"type": "object"}
+    parameters = closed(tool.parameters or {"type": "object"})
     return {
         "type": "object",
         "properties": {"name": {"const": tool.name}, "arguments": parameters},
@@ -72,6 +89,8 @@ def grammar_for(params: GenerationParams) -> str | None:
         wanted: dict[str, Any] = (
             {"type": "object"} if fmt.type == "json_object" else dict(fmt.json_schema or {})
         )
+        if fmt.type == "json_schema" and fmt.strict:
+            wanted = closed(wanted)
         return LLMatcher.grammar_from_json_schema(wanted, overrides=JSON_OPTIONS)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"cannot build a grammar: {e}") from e

@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from inference.constraints import grammar_for
+from inference.constraints import closed, grammar_for
 from inference.engine import Engine
 from inference.parsing import OutputFormat, parse_output
 from inference.schemas import GenerationParams
@@ -166,3 +166,23 @@ def test_a_schema_that_cannot_compile_fails_only_its_request(engine: Engine) -> 
     assert recorder.finished.finish_reason == "error"
     assert "grammar" in recorder.finished.error
     assert complete(engine, max_tokens=3).finished.finish_reason == "max_tokens"
+
+
+def test_closed_schemas_allow_no_unlisted_keys_unless_they_say_so() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "where": {"type": "object", "properties": {"lat": {"type": "number"}}},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}],
+    }
+
+    result = closed(schema)
+
+    assert result["additionalProperties"] is False
+    assert result["properties"]["where"]["additionalProperties"] is False
+    assert result["properties"]["extra"]["additionalProperties"] is True
+    assert result["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the request's own schema is left as it was
