@@ -7,6 +7,7 @@ template partials. It never runs a generation loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,11 +17,12 @@ from django.conf import settings
 from pydantic import ValidationError
 
 from chat import frames, services
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, ToolStep
 from chat.schemas import (
     FrameError,
     SendMessage,
     StopReply,
+    ToolDecision,
     describe_error,
     parse_message,
     read_frame,
@@ -45,6 +47,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     conversation: Conversation
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tasks: set[asyncio.Future[None]] = set()
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -67,6 +73,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await database_sync_to_async(inference.generation_request_sync)(
                 generation=reply.generation, reply_channel=self.channel_name
             )
+        # A tool loop left mid-way (no tab was open when its reply ended) goes on.
+        last = await database_sync_to_async(
+            lambda: conversation.messages.select_related("generation").order_by("-id").first()
+        )()
+        if last is not None and last.role == Message.Role.ASSISTANT:
+            await self._advance_tools(last)
 
     async def disconnect(self, code: int) -> None:
         # Leaving never stops a reply: the worker finishes and saves it.
@@ -93,6 +105,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if isinstance(message, SendMessage):
             await self._send_turn(message)
+        elif isinstance(message, ToolDecision):
+            await self._decide(message)
         else:
             await self._stop(message)
 
@@ -103,6 +117,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 text=message.text,
                 model_id=message.model,
                 params=message.sampling(),
+                tools=message.tools_enabled,
             )
         except services.ChatError as e:
             await self._error(str(e))
@@ -127,11 +142,75 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _stop(self, message: StopReply) -> None:
         try:
-            await database_sync_to_async(services.reply_stop)(
+            reply = await database_sync_to_async(services.reply_stop)(
                 conversation=self.conversation, reply_code=message.reply
             )
         except services.ChatError as e:
             await self._error(str(e))
+            return
+        if reply.generation is not None and not reply.generation.is_active:
+            await self._broadcast_reply(reply)  # a tool loop stopped between generations
+
+    async def _decide(self, message: ToolDecision) -> None:
+        try:
+            step = await database_sync_to_async(services.tool_step_decide)(
+                conversation=self.conversation, step_code=message.step, decision=message.decision
+            )
+        except services.ChatError as e:
+            await self._error(str(e))
+            return
+        reply = await database_sync_to_async(lambda: step.message)()
+        await self._broadcast_reply(reply)
+        await self._advance_tools(reply)
+
+    # --- the tool loop --------------------------------------------------------------------
+    # Every open tab runs these on a reply's end; the services make each step run once and the
+    # reply continue once. Tools run in a worker thread, in a task of their own, so the socket
+    # keeps answering (the stop button) while they run.
+
+    async def _broadcast_reply(self, reply: Message) -> None:
+        html = await database_sync_to_async(frames.reply_frame)(reply)
+        await self.channel_layer.group_send(
+            self.conversation.group_name, {"type": "chat.html", "html": html}
+        )
+
+    async def _advance_tools(self, reply: Message) -> None:
+        runnable = await database_sync_to_async(services.tool_steps_record)(reply=reply)
+        pending = await database_sync_to_async(
+            lambda: list(reply.tool_steps.filter(state=ToolStep.State.QUEUED))
+        )()
+        if runnable:
+            await self._broadcast_reply(reply)
+        for step in pending:
+            task = asyncio.ensure_future(self._run_step(reply, step))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not pending:
+            await self._continue(reply)
+
+    async def _run_step(self, reply: Message, step: ToolStep) -> None:
+        try:
+            await database_sync_to_async(services.tool_step_run, thread_sensitive=False)(step=step)
+            await self._broadcast_reply(reply)
+            await self._continue(reply)
+        except Exception:
+            logger.exception("tool step %s failed", step.code)
+
+    async def _continue(self, reply: Message) -> None:
+        try:
+            message = await database_sync_to_async(services.tool_round_continue)(reply=reply)
+        except services.ChatError as e:
+            await self._error(str(e))
+            return
+        if message is None:
+            return
+        await self._broadcast_reply(reply)
+        html = await database_sync_to_async(frames.turn_frame)(
+            conversation=self.conversation, messages=[message]
+        )
+        await self.channel_layer.group_send(
+            self.conversation.group_name, {"type": "chat.html", "html": html}
+        )
 
     async def _error(self, text: str) -> None:
         await self.send(text_data=frames.error_frame(text))
@@ -166,3 +245,4 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )()
         if reply is not None:
             await self.send(text_data=await database_sync_to_async(frames.reply_frame)(reply))
+            await self._advance_tools(reply)

@@ -20,6 +20,10 @@ class Conversation(models.Model):
     model_id = models.CharField(max_length=100)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
+    # Tools (issue 11): whether replies are offered the server's tools, and the mutating tools
+    # the user allowed once for all in this conversation ("always allow").
+    tools_enabled = models.BooleanField(default=False)
+    allowed_tools = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-updated_at", "-id"]
@@ -67,3 +71,56 @@ class Message(models.Model):
         if self.role == self.Role.ASSISTANT:
             return self.generation.text if self.generation else ""
         return self.content
+
+    @property
+    def tools_pending(self) -> bool:
+        """Whether a tool call of this reply still waits for approval or runs."""
+        return any(step.state in ToolStep.PENDING_STATES for step in self.tool_steps.all())
+
+
+class ToolStep(models.Model):
+    """One tool call of a reply: what the model asked for, the user's decision, the result.
+
+    A reply whose generation ends with tool calls gets one step per call; once every step has
+    ended, the results go back to the model as `tool` messages in a new assistant message that
+    continues the reply. Steps are the record: the page renders them on reload.
+    """
+
+    class State(models.TextChoices):
+        WAITING = "waiting", "waiting for approval"
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        DENIED = "denied"
+        STOPPED = "stopped"
+
+    PENDING_STATES = (State.WAITING, State.QUEUED, State.RUNNING)
+
+    code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="tool_steps")
+    call_id = models.CharField(max_length=128)
+    name = models.CharField(max_length=64)
+    arguments = models.JSONField(default=dict, blank=True)
+    mutating = models.BooleanField(default=False)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    ok = models.BooleanField(default=False)
+    # What went back to the model, the tool's details and files ({"name", "mime", "path"}).
+    result = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    files = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "call_id"], name="chat_toolstep_call")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+    @property
+    def is_pending(self) -> bool:
+        return self.state in self.PENDING_STATES

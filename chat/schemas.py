@@ -72,6 +72,12 @@ class SendMessage(_Incoming):
     stop: StorableText | list[Annotated[StopString, AfterValidator(_storable)]] | None = Field(
         None, description="one per line"
     )
+    # The options panel's Tools switch: the conversation's setting from this turn on.
+    tools: Literal["on", "off"] | None = None
+
+    @property
+    def tools_enabled(self) -> bool | None:
+        return None if self.tools is None else self.tools == "on"
 
     def sampling(self) -> dict[str, Any]:
         fields = (
@@ -98,7 +104,15 @@ class StopReply(_Incoming):
     reply: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F-]{32,36}$")]
 
 
-def parse_message(content: dict[str, Any]) -> SendMessage | StopReply:
+class ToolDecision(_Incoming):
+    """Approve / Deny / Always allow on a tool call that waits for the user."""
+
+    type: Literal["tool"]
+    step: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+    decision: Literal["approve", "deny", "always"]
+
+
+def parse_message(content: dict[str, Any]) -> SendMessage | StopReply | ToolDecision:
     """Validate one message; raises ValidationError, or ValueError for an unknown type."""
     # Empty option fields of the composer mean "use the default".
     cleaned = {k: v if k == "text" else _blank_to_none(v) for k, v in content.items()}
@@ -107,7 +121,9 @@ def parse_message(content: dict[str, Any]) -> SendMessage | StopReply:
         return SendMessage.model_validate(cleaned)
     if kind == "stop":
         return StopReply.model_validate(cleaned)
-    raise ValueError("unknown message type; expected 'send' or 'stop'")
+    if kind == "tool":
+        return ToolDecision.model_validate(cleaned)
+    raise ValueError("unknown message type; expected 'send', 'stop' or 'tool'")
 
 
 def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, ToolStep
 from inference import services as inference
+from inference.models import Generation
 from inference.schemas import ChatMessage
+from inference.tools.base import MAX_RESULT_CHARS, Tool, ToolContext
+from inference.tools.registry import tool_spec, tools_for
+
+logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
 
@@ -68,6 +79,7 @@ def message_send(
     text: str,
     model_id: str | None = None,
     params: dict[str, Any] | None = None,
+    tools: bool | None = None,
 ) -> tuple[Message, Message]:
     """Add the user's turn and start the reply; returns (user message, assistant message).
 
@@ -83,8 +95,17 @@ def message_send(
         conversation=conversation, generation__state__in=inference.ACTIVE_STATES
     ).exists():
         raise ChatError("Wait for the reply to finish, or stop it, before sending another.")
+    if ToolStep.objects.filter(
+        message__conversation=conversation, state__in=ToolStep.PENDING_STATES
+    ).exists():
+        raise ChatError("A tool call waits for you: approve or deny it, or stop the reply.")
+    if tools is not None and tools != conversation.tools_enabled:
+        conversation.tools_enabled = tools
+        conversation.save(update_fields=["tools_enabled"])
     model_id = model_id or conversation.model_id
-    generation_params = inference.generation_params(model_id=model_id, overrides=params)
+    generation_params = inference.generation_params(
+        model_id=model_id, overrides={**(params or {}), **_tool_overrides(conversation)}
+    )
 
     last = conversation.messages.select_related("generation").order_by("-id").first()
     user_message = Message.objects.create(
@@ -173,7 +194,8 @@ def conversation_import(
 
 
 def reply_stop(*, conversation: Conversation, reply_code: str) -> Message:
-    """Stop a streaming reply of this conversation; its text is kept."""
+    """Stop a streaming reply of this conversation; its text is kept. A reply in its tool loop
+    stops whole: calls waiting or running end as stopped and the reply does not continue."""
     reply = (
         Message.objects.select_related("generation")
         .filter(conversation=conversation, code=reply_code, role=Message.Role.ASSISTANT)
@@ -182,6 +204,9 @@ def reply_stop(*, conversation: Conversation, reply_code: str) -> Message:
     if reply is None or reply.generation is None:
         raise ChatError("No such reply in this conversation.")
     inference.generation_stop(generation=reply.generation)
+    ToolStep.objects.filter(message=reply, state__in=ToolStep.PENDING_STATES).update(
+        state=ToolStep.State.STOPPED, result="stopped", finished_at=timezone.now()
+    )
     return reply
 
 
@@ -191,3 +216,209 @@ def active_replies(*, conversation: Conversation) -> list[Message]:
             generation__state__in=inference.ACTIVE_STATES
         )
     )
+
+
+# --- tools (issue 11) -----------------------------------------------------------------------
+
+
+@functools.cache
+def _configured_tools() -> dict[str, Tool]:
+    return tools_for(settings.MLXWEB_CONFIG.server.tools)
+
+
+def available_tools() -> dict[str, Tool]:
+    """The server's tools that can be used now, by name (tests replace this)."""
+    return {name: t for name, t in _configured_tools().items() if t.availability() is None}
+
+
+def _tool_overrides(conversation: Conversation, *, final: bool = False) -> dict[str, Any]:
+    """The generation parameters that offer the tools to a reply of this conversation. `final`:
+    the reply used its rounds and must answer without them."""
+    if not conversation.tools_enabled or final:
+        return {}
+    specs = [tool_spec(t).model_dump() for t in available_tools().values()]
+    return {"tools": specs} if specs else {}
+
+
+def workspace_for(conversation: Conversation) -> Path:
+    """The conversation's folder for tool files (made on first use)."""
+    path = Path(settings.VAR_DIR) / "workspaces" / str(conversation.code)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@transaction.atomic
+def tool_steps_record(*, reply: Message) -> list[ToolStep]:
+    """The steps of a reply whose generation ended with tool calls, made once (every open tab
+    asks). Calls to tools this server does not offer fail at once; mutating ones wait for the
+    user unless allowed in this conversation. Returns the steps that may run now."""
+    reply = (
+        Message.objects.select_for_update()
+        .select_related("generation", "conversation")
+        .get(pk=reply.pk)
+    )
+    generation = reply.generation
+    conversation = reply.conversation
+    if (
+        generation is None
+        or generation.finish_reason != Generation.FinishReason.TOOL_CALLS
+        or not conversation.tools_enabled
+        or reply.tool_steps.exists()
+    ):
+        return []
+    tools = available_tools()
+    for call in generation.tool_calls:
+        name = str(call.get("name", ""))
+        # The parser keeps arguments as the model wrote them: a JSON string, as OpenAI sends them.
+        arguments = call.get("arguments")
+        if isinstance(arguments, str):
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
+        tool = tools.get(name)
+        values: dict[str, Any] = {}
+        if tool is None:
+            problem = f"There is no tool {name!r} here."
+            values = {
+                "state": ToolStep.State.FAILED,
+                "result": problem,
+                "finished_at": timezone.now(),
+            }
+        elif not isinstance(arguments, dict):
+            problem = "The arguments are not a JSON object."
+            values = {
+                "state": ToolStep.State.FAILED,
+                "result": problem,
+                "finished_at": timezone.now(),
+            }
+        elif tool.mutating and name not in conversation.allowed_tools:
+            values = {"state": ToolStep.State.WAITING}
+        ToolStep.objects.create(
+            message=reply,
+            call_id=str(call.get("id") or f"call_{name}")[:128],
+            name=name[:64],
+            arguments=arguments if isinstance(arguments, dict) else {"raw": arguments},
+            mutating=bool(tool and tool.mutating),
+            **values,
+        )
+    return list(reply.tool_steps.filter(state=ToolStep.State.QUEUED))
+
+
+def tool_step_decide(*, conversation: Conversation, step_code: str, decision: str) -> ToolStep:
+    """The user's answer to a waiting call: "approve", "deny" or "always" (approve, and allow
+    this tool without asking for the rest of the conversation)."""
+    step = ToolStep.objects.filter(
+        message__conversation=conversation, code=step_code, state=ToolStep.State.WAITING
+    ).first()
+    if step is None:
+        raise ChatError("That tool call no longer waits for a decision.")
+    if decision == "deny":
+        values: dict[str, Any] = {
+            "state": ToolStep.State.DENIED,
+            "result": "The user denied this tool call.",
+            "finished_at": timezone.now(),
+        }
+    else:
+        values = {"state": ToolStep.State.QUEUED}
+        if decision == "always" and step.name not in conversation.allowed_tools:
+            conversation.allowed_tools = [*conversation.allowed_tools, step.name]
+            conversation.save(update_fields=["allowed_tools"])
+    ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.WAITING).update(**values)
+    step.refresh_from_db()
+    return step
+
+
+def tool_step_run(*, step: ToolStep) -> ToolStep:
+    """Run a queued step (claimed first, so only one caller runs it) and record its result.
+    Synchronous and slow: call it off the event loop."""
+    claimed = ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
+        state=ToolStep.State.RUNNING
+    )
+    step.refresh_from_db()
+    if not claimed:
+        return step
+    conversation = step.message.conversation
+    tool = available_tools().get(step.name)
+
+    def cancelled() -> bool:
+        return ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.STOPPED).exists()
+
+    data: dict[str, Any] = {}
+    files: list[dict[str, str]] = []
+    if tool is None:
+        ok, text = False, f"The tool {step.name!r} is not available."
+    else:
+        context = ToolContext(
+            workspace=workspace_for(conversation),
+            cancelled=cancelled,
+            timeout=settings.MLXWEB_CONFIG.server.tools.timeout,
+        )
+        try:
+            result = tool.run(dict(step.arguments), context)
+        except Exception as exc:  # a tool must not raise; if one does, the model hears why
+            logger.exception("tool %s raised", step.name)
+            ok, text = False, f"The tool failed: {exc}"
+        else:
+            ok, text, data = result.ok, result.text or result.error, result.data
+            files = [{"name": f.name, "mime": f.mime, "path": str(f.path)} for f in result.files]
+    ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.RUNNING).update(
+        state=ToolStep.State.DONE if ok else ToolStep.State.FAILED,
+        ok=ok,
+        result=text[:MAX_RESULT_CHARS],
+        data=data,
+        files=files,
+        finished_at=timezone.now(),
+    )
+    step.refresh_from_db()
+    return step
+
+
+@transaction.atomic
+def tool_round_continue(*, reply: Message) -> Message | None:
+    """Once every call of `reply` has ended, send the results back and continue the reply in a
+    new assistant message; None while calls are pending, when the loop was stopped, or when it
+    already continued. After `tools.max_rounds` rounds the continuation gets no tools."""
+    conversation = Conversation.objects.select_for_update().get(pk=reply.conversation_id)
+    reply = Message.objects.select_related("generation").get(pk=reply.pk)
+    steps = list(reply.tool_steps.all())
+    last = conversation.messages.order_by("-id").first()
+    if (
+        not steps
+        or last is None
+        or last.pk != reply.pk
+        or reply.generation is None
+        or any(step.is_pending or step.state == ToolStep.State.STOPPED for step in steps)
+    ):
+        return None
+    last_user = conversation.messages.filter(role=Message.Role.USER).order_by("-id").first()
+    rounds = conversation.messages.filter(
+        role=Message.Role.ASSISTANT, id__gt=last_user.pk if last_user else 0
+    ).count()
+    final = rounds >= settings.MLXWEB_CONFIG.server.tools.max_rounds
+    previous = reply.generation
+    params = inference.generation_params(
+        model_id=previous.model_id,
+        overrides={
+            **{k: v for k, v in previous.params.items() if k not in ("tools", "tool_choice")},
+            **_tool_overrides(conversation, final=final),
+        },
+    )
+    results = [
+        ChatMessage(role="tool", content=step.result, tool_call_id=step.call_id, name=step.name)
+        for step in steps
+    ]
+    try:
+        generation = inference.generation_create(
+            model_id=previous.model_id,
+            messages=results,
+            previous=previous,
+            params=params,
+            user=conversation.user,
+            notify_group=conversation.group_name,
+        )
+    except inference.GenerationLimitReached as e:
+        raise ChatError(str(e)) from e
+    message = Message.objects.create(
+        conversation=conversation, role=Message.Role.ASSISTANT, generation=generation
+    )
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    return message

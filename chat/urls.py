@@ -15,6 +15,7 @@ urlpatterns = [
     path("c/<uuid:code>/rename/", views.conversation_rename, name="rename"),
     path("c/<uuid:code>/delete/", views.conversation_delete, name="delete"),
     path("c/<uuid:code>/replies/<uuid:reply>/stop/", views.reply_stop, name="stop"),
+    path("c/<uuid:code>/tools/<uuid:step>/", views.tool_decide, name="tool"),
 ]
 
 auth_urlpatterns = [

@@ -78,6 +78,7 @@ def _send(request: SignedInRequest, conversation: Conversation) -> bool:
             text=message.text,
             model_id=message.model,
             params=message.sampling(),
+            tools=message.tools_enabled,
         )
     except ValidationError as e:
         messages.error(request, f"Invalid message: {describe_error(e)}")
@@ -123,6 +124,24 @@ def reply_stop(request: SignedInRequest, code: UUID, reply: UUID) -> HttpRespons
         services.reply_stop(conversation=conversation, reply_code=str(reply))
     except services.ChatError as e:
         messages.error(request, str(e))
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_POST
+@login_required
+def tool_decide(request: SignedInRequest, code: UUID, step: UUID) -> HttpResponse:
+    """Approve / Deny without the socket; the call runs when the page's socket connects."""
+    conversation = _get_conversation_for_user(request, code)
+    decision = request.POST.get("decision", "")
+    if decision not in ("approve", "deny", "always"):
+        messages.error(request, "Choose approve, deny or always.")
+    else:
+        try:
+            services.tool_step_decide(
+                conversation=conversation, step_code=str(step), decision=decision
+            )
+        except services.ChatError as e:
+            messages.error(request, str(e))
     return redirect("chat:detail", code=conversation.code)
 
 
