@@ -1,7 +1,7 @@
 """Config loading under generated input: always ConfigError or a Config, never a traceback.
 
 A short run is part of the suite; the long run:
-    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/mlxweb/test_config_fuzz.py
+    MLXWEB_FUZZ_EXAMPLES=5000 ./scripts/test tests/mlxweb/test_config_fuzz.py
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 from mlxweb.config import ENV_OVERRIDES, Config, ConfigError, load_config
 
-settings.register_profile("long", max_examples=5000, deadline=None)
-settings.register_profile("short", max_examples=40, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "short"))
-SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+# Per test, not a global profile, so the other fuzz tests of the session keep their own counts.
+FUZZ = settings(
+    max_examples=int(os.environ.get("MLXWEB_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 MODEL = "name: Test model\nsource:\n  path: test-model\ncontext_length: 2048\n"
 KEYS = sorted({dotted.split(".")[0] for dotted in ENV_OVERRIDES.values()} | {"default_model"})
@@ -64,26 +66,26 @@ def _load(server_text: bytes | str, environ: dict[str, str], model: str = MODEL)
 
 
 @given(st.dictionaries(st.sampled_from(KEYS), values, max_size=6))
-@settings(suppress_health_check=SUPPRESS)
+@FUZZ
 def test_any_server_mapping_is_loaded_or_refused_cleanly(data: dict[str, object]) -> None:
     data.setdefault("default_model", "test-model")
     _load(yaml.safe_dump(data), {})
 
 
 @given(st.binary(max_size=400))
-@settings(suppress_health_check=SUPPRESS)
+@FUZZ
 def test_any_bytes_as_server_yaml_are_refused_cleanly(raw: bytes) -> None:
     _load(raw, {})
 
 
 @given(st.text(max_size=400))
-@settings(suppress_health_check=SUPPRESS)
+@FUZZ
 def test_any_text_as_a_model_file_is_refused_cleanly(text: str) -> None:
     _load("default_model: test-model\n", {}, model=text)
 
 
 @given(st.dictionaries(st.sampled_from(sorted(ENV_OVERRIDES)), env_values, max_size=6))
-@settings(suppress_health_check=SUPPRESS)
+@FUZZ
 def test_any_environment_is_loaded_or_refused_cleanly(environ: dict[str, str]) -> None:
     _load("default_model: test-model\n", environ)
 
@@ -93,7 +95,7 @@ def test_any_environment_is_loaded_or_refused_cleanly(environ: dict[str, str]) -
     env_values,
     st.sampled_from(["limits: 3", "login: []", "hub: x", ""]),
 )
-@settings(suppress_health_check=SUPPRESS)
+@FUZZ
 def test_an_override_under_a_key_of_the_wrong_shape_is_refused_cleanly(
     var: str, value: str, server: str
 ) -> None:
