@@ -10,7 +10,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, ToolStep
 from inference.models import Generation
 
 MODEL = "smollm2-135m-instruct"
@@ -260,3 +260,81 @@ def test_it_refuses_bad_options_without_websockets(owner_client: Client, convers
     assert "Invalid" in response.content.decode() and "temperature" in response.content.decode()
     assert not Generation.objects.exists()
     assert not conversation.messages.exists()
+
+
+@pytest.fixture
+def waiting_step(conversation) -> ToolStep:  # type: ignore[no-untyped-def]
+    """A reply that called a mutating tool, the call waiting for the user."""
+    generation = Generation.objects.create(
+        model_id=MODEL,
+        state=Generation.State.COMPLETE,
+        finish_reason=Generation.FinishReason.TOOL_CALLS,
+        text='<tool_call>{"name": "python"}</tool_call>',
+    )
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", generation=generation
+    )
+    return ToolStep.objects.create(
+        message=reply,
+        call_id="call_1",
+        name="python",
+        arguments={"code": "print('<b>hi</b>')"},
+        mutating=True,
+        state=ToolStep.State.WAITING,
+    )
+
+
+def test_it_shows_a_waiting_tool_call_with_its_choices(
+    owner_client: Client, conversation, waiting_step
+) -> None:
+    body = owner_client.get(reverse("chat:detail", args=[conversation.code])).content.decode()
+    assert 'class="tool-step waiting"' in body
+    assert "&lt;b&gt;hi&lt;/b&gt;" in body and "<b>hi</b>" not in body
+    assert reverse("chat:tool", args=[conversation.code, waiting_step.code]) in body
+    assert "Approve" in body and "Deny" in body and "Always allow python here" in body
+
+
+@pytest.mark.parametrize(
+    ("decision", "state"), [("approve", "queued"), ("deny", "denied"), ("always", "queued")]
+)
+def test_it_decides_a_tool_call_without_websockets(
+    owner_client: Client, conversation, waiting_step, decision, state
+) -> None:
+    url = reverse("chat:tool", args=[conversation.code, waiting_step.code])
+    response = owner_client.post(url, {"decision": decision})
+    assert response.status_code == 302
+    waiting_step.refresh_from_db()
+    conversation.refresh_from_db()
+    assert waiting_step.state == state
+    assert conversation.allowed_tools == (["python"] if decision == "always" else [])
+
+
+def test_it_refuses_a_bad_or_late_tool_decision(
+    owner_client: Client, conversation, waiting_step
+) -> None:
+    url = reverse("chat:tool", args=[conversation.code, waiting_step.code])
+    response = owner_client.post(url, {"decision": "maybe"}, follow=True)
+    assert "Choose approve, deny or always." in response.content.decode()
+    owner_client.post(url, {"decision": "deny"})
+    response = owner_client.post(url, {"decision": "approve"}, follow=True)
+    assert "no longer waits for a decision" in response.content.decode()
+    waiting_step.refresh_from_db()
+    assert waiting_step.state == ToolStep.State.DENIED
+
+
+def test_it_refuses_a_tool_decision_by_get(
+    owner_client: Client, conversation, waiting_step
+) -> None:
+    url = reverse("chat:tool", args=[conversation.code, waiting_step.code])
+    assert owner_client.get(url).status_code == 405
+
+
+def test_it_hides_tool_calls_from_strangers_and_anonymous_users(
+    client: Client, stranger_client: Client, conversation, waiting_step
+) -> None:
+    url = reverse("chat:tool", args=[conversation.code, waiting_step.code])
+    assert stranger_client.post(url, {"decision": "approve"}).status_code == 404
+    response = client.post(url, {"decision": "approve"})
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+    waiting_step.refresh_from_db()
+    assert waiting_step.state == ToolStep.State.WAITING
