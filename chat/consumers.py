@@ -175,11 +175,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def _advance_tools(self, reply: Message) -> None:
-        runnable = await database_sync_to_async(services.tool_steps_record)(reply=reply)
+        made = await database_sync_to_async(services.tool_steps_record)(reply=reply)
         pending = await database_sync_to_async(
             lambda: list(reply.tool_steps.filter(state=ToolStep.State.QUEUED))
         )()
-        if runnable:
+        if made:  # every tab shows the new steps, those that wait for the user above all
             await self._broadcast_reply(reply)
         for step in pending:
             task = asyncio.ensure_future(self._run_step(reply, step))

@@ -251,7 +251,8 @@ def workspace_for(conversation: Conversation) -> Path:
 def tool_steps_record(*, reply: Message) -> list[ToolStep]:
     """The steps of a reply whose generation ended with tool calls, made once (every open tab
     asks). Calls to tools this server does not offer fail at once; mutating ones wait for the
-    user unless allowed in this conversation. Returns the steps that may run now."""
+    user unless allowed in this conversation. Returns the steps it made: none when the reply
+    called no tools or another tab made them first."""
     reply = (
         Message.objects.select_for_update()
         .select_related("generation", "conversation")
@@ -300,7 +301,7 @@ def tool_steps_record(*, reply: Message) -> list[ToolStep]:
             mutating=bool(tool and tool.mutating),
             **values,
         )
-    return list(reply.tool_steps.filter(state=ToolStep.State.QUEUED))
+    return list(reply.tool_steps.all())
 
 
 def tool_step_decide(*, conversation: Conversation, step_code: str, decision: str) -> ToolStep:
