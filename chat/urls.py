@@ -16,6 +16,7 @@ urlpatterns = [
     path("c/<uuid:code>/delete/", views.conversation_delete, name="delete"),
     path("c/<uuid:code>/replies/<uuid:reply>/stop/", views.reply_stop, name="stop"),
     path("c/<uuid:code>/tools/<uuid:step>/", views.tool_decide, name="tool"),
+    path("c/<uuid:code>/tools/<uuid:step>/files/<int:index>/", views.tool_file, name="tool_file"),
 ]
 
 auth_urlpatterns = [

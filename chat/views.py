@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -12,7 +13,14 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseForbidden
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    HttpResponseForbidden,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -21,7 +29,7 @@ from pydantic import ValidationError
 
 from chat import frames, services
 from chat.forms import RenameForm, SignupForm
-from chat.models import Conversation
+from chat.models import Conversation, ToolStep
 from chat.schemas import SendMessage, describe_error, parse_message
 from inference import services as inference
 from inference.catalogue import UnknownModel
@@ -143,6 +151,50 @@ def tool_decide(request: SignedInRequest, code: UUID, step: UUID) -> HttpRespons
         except services.ChatError as e:
             messages.error(request, str(e))
     return redirect("chat:detail", code=conversation.code)
+
+
+# Shown inline: raster formats only (an SVG can carry script). Keep in step with the
+# tool-steps partial, which shows these as <img>.
+INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def _tool_step_file(step: ToolStep, index: int) -> tuple[Path, str, str]:
+    """The step's `index`th file as (path, name, mime), or 404 unless it is a regular file
+    inside the conversation's workspace once links are resolved (sandboxed code writes there,
+    so a file may be a symlink pointing anywhere)."""
+    files = step.files if isinstance(step.files, list) else []
+    if not 0 <= index < len(files) or not isinstance(files[index], dict):
+        raise Http404("No such file.")
+    record = files[index]
+    workspace = services.workspace_for(step.message.conversation).resolve()
+    try:
+        path = Path(str(record.get("path", ""))).resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise Http404("No such file.") from e
+    if not path.is_relative_to(workspace) or not path.is_file():
+        raise Http404("No such file.")
+    name = Path(str(record.get("name") or path.name)).name or "file"
+    return path, name, str(record.get("mime", ""))
+
+
+@require_GET
+@login_required
+def tool_file(request: SignedInRequest, code: UUID, step: UUID, index: int) -> FileResponse:
+    """A file a tool call made (a screenshot, a plot), addressed by its step and its place in
+    the step's list, never by a path. Raster images show inline; anything else downloads."""
+    conversation = _get_conversation_for_user(request, code)
+    tool_step = get_object_or_404(ToolStep, code=step, message__conversation=conversation)
+    path, name, mime = _tool_step_file(tool_step, index)
+    inline = mime in INLINE_IMAGE_TYPES
+    response = FileResponse(
+        path.open("rb"),
+        as_attachment=not inline,
+        filename=name,
+        content_type=mime if inline else "application/octet-stream",
+    )
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
 
 
 @require_POST
