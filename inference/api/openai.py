@@ -7,11 +7,12 @@ Streams are server-sent events; a client that goes away stops its generations.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from channels.db import database_sync_to_async
@@ -21,7 +22,7 @@ from ninja.openapi.docs import Swagger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference import services as inference
-from inference.api import services
+from inference.api import server_tools, services
 from inference.api.access import ApiKeyAuth, caller_of, install_error_handlers
 from inference.api.errors import ApiError, describe_validation, from_service_error
 from inference.api.replies import (
@@ -170,6 +171,18 @@ class ChatCompletionRequest(SamplingIn):
     tools: list[ToolIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # mlxweb's extension: tools the server runs itself (README, Tools, "Through the API").
+    mlxweb_tools: list[str] | None = Field(
+        None,
+        max_length=64,
+        description="Names of this server's tools (e.g. browser_fetch) that the server runs "
+        "itself when the model calls them, continuing the reply with their results.",
+    )
+    mlxweb_allow_mutating: bool = Field(
+        False,
+        description="Let the server run tools in mlxweb_tools that change things (python, "
+        "apply_patch); nobody approves API calls.",
+    )
 
 
 class CompletionRequest(SamplingIn):
@@ -192,11 +205,30 @@ class ToolCallOut(Schema):
     function: FunctionCall
 
 
+class ToolFileOut(Schema):
+    name: str
+    mime: str
+
+
+class ToolStepOut(Schema):
+    """A call the server ran for `mlxweb_tools` (mlxweb's extension)."""
+
+    id: str
+    name: str
+    arguments: str
+    ok: bool
+    result: str
+    data: dict[str, Any] = {}
+    files: list[ToolFileOut] = []
+
+
 class AssistantMessage(Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+    # Only with mlxweb_tools (left out otherwise: the route excludes unset fields).
+    mlxweb_tool_steps: list[ToolStepOut] | None = None
 
 
 class TopLogprob(Schema):
@@ -554,12 +586,15 @@ def _logprobs_out(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     response={200: ChatCompletion, ERRORS: ErrorResponse},
     openapi_extra=_SSE_DOC,
     summary="Create a chat completion",
+    exclude_unset=True,
 )
 async def chat_completions(request: HttpRequest, body: ChatCompletionRequest) -> Any:
     caller = caller_of(request)
     n = _choices(body.n)
     messages = _messages(body)
     values, names = _chat_overrides(body)
+    if body.mlxweb_tools is not None:
+        return await _chat_with_server_tools(body, caller, messages, values, names)
     params = await database_sync_to_async(_params)(body.model, values, names)
     stream = ReplyStream(
         user=caller.user, model_id=body.model, params=params, messages=messages, n=n
@@ -611,6 +646,220 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionRequest) ->
         "choices": choices,
         "usage": _usage(rows),
     }
+
+
+def _server_tool_params(
+    body: ChatCompletionRequest, values: dict[str, Any], names: dict[str, str]
+) -> tuple[server_tools.ToolRound, list[GenerationParams]]:
+    """The request's server-side tools, and the parameters of its first, later and last rounds.
+
+    A forcing `tool_choice` ("required" or a name) holds for the first round only, or the model
+    could never answer; the last round (after `tools.max_rounds`) offers only the client's tools.
+    """
+    if body.n != 1:
+        raise ApiError(400, "n: a request with mlxweb_tools answers one choice", param="n")
+    client_names = [tool.function.name for tool in body.tools or []]
+    chosen = server_tools.select(
+        body.mlxweb_tools or [],
+        allow_mutating=body.mlxweb_allow_mutating,
+        client_names=client_names,
+    )
+    client_specs = list(values.get("tools", []))
+    first = {**values, "tools": [*client_specs, *server_tools.specs(chosen)]}
+    later = dict(first)
+    if later.get("tool_choice") not in (None, "auto", "none"):
+        later["tool_choice"] = "auto"
+    last = {k: v for k, v in later.items() if k not in ("tools", "tool_choice")}
+    if client_specs:
+        last["tools"] = client_specs
+        if "tool_choice" in later:
+            last["tool_choice"] = later["tool_choice"]
+    names = {**names, "tools": "tools"}
+    rounds = [_params(body.model, v, names) for v in (first, later, last)]
+    return server_tools.ToolRound(tools=chosen), rounds
+
+
+async def _open_round(stream: ReplyStream) -> None:
+    """Open a later round's stream (the request's admission is already held)."""
+    try:
+        await stream.__aenter__()
+    except ApiError:
+        raise
+    except Exception as e:
+        raise _start_error(e, stream.model_id) from e
+
+
+def _continues(row: Generation, tool_round: server_tools.ToolRound) -> bool:
+    """Whether this round ended in calls that the server runs (so another round follows)."""
+    return finish_reason_of(row) == "tool_calls" and tool_round.handles(tool_calls_of(row))
+
+
+async def _tool_rounds(
+    stream: ReplyStream,
+    tool_round: server_tools.ToolRound,
+    messages: list[ChatMessage],
+    later: GenerationParams,
+    last: GenerationParams,
+) -> AsyncGenerator[ReplyEvent | list[dict[str, Any]]]:
+    """Every round's events, and after a round whose calls ran, the list of their steps.
+    `stream` is the first round, already open; later rounds open here."""
+    rounds = 0
+    while True:
+        try:
+            async for event in stream.events():
+                yield event
+        finally:
+            await stream.close()
+        rounds += 1
+        row = stream.done[0]
+        if _failed(row) is not None or not _continues(row, tool_round):
+            return
+        steps = await asyncio.to_thread(tool_round.run, tool_calls_of(row))
+        yield steps
+        messages = [*messages, *server_tools.continuation(answer_of(row), steps)]
+        params = later if rounds < server_tools.max_rounds() else last
+        stream = ReplyStream(
+            user=stream.user, model_id=stream.model_id, params=params, messages=messages
+        )
+        await _open_round(stream)
+
+
+def _usage_of_rounds(rows: list[Generation]) -> dict[str, Any]:
+    """Each round read its whole prompt again (less what the prompt cache had)."""
+    prompt = sum(r.prompt_tokens for r in rows)
+    completion = sum(r.completion_tokens for r in rows)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in rows)},
+    }
+
+
+async def _chat_with_server_tools(
+    body: ChatCompletionRequest,
+    caller: services.ApiCaller,
+    messages: list[ChatMessage],
+    values: dict[str, Any],
+    names: dict[str, str],
+) -> Any:
+    """A chat completion whose calls of the server's own tools run here: each round's calls run,
+    their results go back as `tool` messages, and the model continues, in one response."""
+    tool_round, (first, later, last) = await database_sync_to_async(_server_tool_params)(
+        body, values, names
+    )
+    admission = _Admission(caller, 1)
+    stream = ReplyStream(user=caller.user, model_id=body.model, params=first, messages=messages)
+    try:
+        await _open(stream, admission)
+    except BaseException:
+        tool_round.close()
+        raise
+    created = int(time.time())
+    completion_id = f"chatcmpl-{stream.generations[0].code.hex}"
+    rounds = _tool_rounds(stream, tool_round, messages, later, last)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse_response(
+            _server_tool_chunks(
+                rounds, tool_round, admission, completion_id, created, body.model, include_usage
+            )
+        )
+    rows: list[Generation] = []
+    logprobs: list[dict[str, Any]] = []
+    try:
+        async for item in rounds:
+            if isinstance(item, list):
+                continue
+            if item.kind == "delta" and item.logprobs:
+                logprobs += _logprobs_out(item.logprobs)
+            elif item.kind == "done" and item.generation is not None:
+                rows.append(item.generation)
+                error = _failed(item.generation)
+                if error is not None:
+                    raise error
+    finally:
+        await rounds.aclose()
+        tool_round.close()
+        admission.release()
+    row = rows[-1]
+    tool_calls = _tool_calls_out(row)
+    content = answer_of(row)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": content if content or not tool_calls else None,
+                    "reasoning_content": reasoning_of(row) or None,
+                    "tool_calls": tool_calls,
+                    "mlxweb_tool_steps": tool_round.steps,
+                },
+                "logprobs": {"content": logprobs} if body.logprobs else None,
+                "finish_reason": finish_reason_of(row),
+            }
+        ],
+        "usage": _usage_of_rounds(rows),
+    }
+
+
+async def _server_tool_chunks(
+    rounds: AsyncGenerator[ReplyEvent | list[dict[str, Any]]],
+    tool_round: server_tools.ToolRound,
+    admission: _Admission,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The rounds as one stream of chunks: each round's text, a chunk with the steps of the
+    calls the server ran (`delta.mlxweb_tool_steps`), and the last round's end."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+    base["model"] = model
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], **choice: Any) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **choice}
+        return _sse({**base, "choices": [choice], **extra})
+
+    rows: list[Generation] = []
+    try:
+        yield chunk(0, {"role": "assistant", "content": ""})
+        try:
+            async for item in rounds:
+                if isinstance(item, list):
+                    yield chunk(0, {"mlxweb_tool_steps": item})
+                    continue
+                if item.kind == "delta":
+                    yield _chat_delta(chunk, item)
+                    continue
+                row = item.generation
+                assert row is not None
+                rows.append(row)
+                error = _failed(row)
+                if error is not None:
+                    yield _sse(error.openai_body())
+                    continue
+                if _continues(row, tool_round):
+                    continue
+                calls = _tool_calls_out(row)
+                if calls:
+                    yield chunk(0, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                yield chunk(0, {}, finish_reason=finish_reason_of(row))
+        except ApiError as e:  # a later round refused at its start
+            yield _sse(e.openai_body())
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage_of_rounds(rows)})
+        yield "data: [DONE]\n\n"
+    finally:
+        await rounds.aclose()
+        tool_round.close()
+        admission.release()
 
 
 async def _chat_chunks(
