@@ -60,12 +60,45 @@ def _call_schema(tool: ToolSpec) -> dict[str, Any]:
     }
 
 
+def _call_rule(tools: list[ToolSpec]) -> str:
+    """The lark rule `call`: the JSON of a call of one of `tools`."""
+    schemas = [_call_schema(t) for t in tools]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    body = json.dumps(schema)
+    return f'call: %json{{"x-guidance": {{"whitespace_flexible": false}}, "allOf": [{body}]}}\n'
+
+
+# With tool_choice "auto": free text, or text and then calls. The free text is any text that
+# never contains TOOL_CALL_START (llguidance's `&`/`~` on a lexeme), so the model writes freely
+# until it starts a call; `before` (lazy: it ends at the first TOOL_CALL_START) is that text with
+# the call's opening, after which the call must match the tools' schemas and may be followed only
+# by more calls. Both lexemes run side by side from the start, so no lexeme has to be split.
+_AUTO_LARK = (
+    "start: TEXT | before call END more*\n"
+    "more: SEP call END\n"
+    "before[lazy]: /(.|\\n)*{start}\\n/\n"
+    "TEXT: /(.|\\n)*/ & ~/(.|\\n)*{start}(.|\\n)*/\n"
+    "END: {end}\n"
+    "SEP: {sep}\n"
+)
+
+
+def _auto_lark(tools: list[ToolSpec]) -> str:
+    start = TOOL_CALL_START.replace("/", "\\/")
+    return _AUTO_LARK.format(
+        start=start,
+        end=json.dumps("\n" + TOOL_CALL_END),
+        sep=json.dumps("\n" + TOOL_CALL_START + "\n"),
+    ) + _call_rule(tools)
+
+
 def grammar_for(params: GenerationParams) -> str | None:
     """The llguidance grammar a request's reply must follow, or None when it is free.
 
     A forced tool call wins over a response format: the reply is then one
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` naming the chosen tool (any of
-    `tools` for "required").
+    `tools` for "required"). With tool_choice "auto" and no response format the text is free,
+    but a call, once the model opens one, must name one of `tools` with valid arguments.
     """
     from llguidance import LLMatcher
 
@@ -73,17 +106,14 @@ def grammar_for(params: GenerationParams) -> str | None:
     try:
         if forced is not None:
             tools = [t for t in params.tools if not forced or t.name == forced]
-            schemas = [_call_schema(t) for t in tools]
-            schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-            body = json.dumps(schema)
             lark = (
                 f"start: {json.dumps(TOOL_CALL_START + chr(10))} call "
                 f"{json.dumps(chr(10) + TOOL_CALL_END)}\n"
-                f'call: %json{{"x-guidance": {{"whitespace_flexible": false}}, '
-                f'"allOf": [{body}]}}\n'
-            )
+            ) + _call_rule(tools)
             return LLMatcher.grammar_from_lark(lark)
         fmt = params.response_format
+        if (fmt is None or fmt.type == "text") and params.uses_tools:
+            return LLMatcher.grammar_from_lark(_auto_lark(list(params.tools)))
         if fmt is None or fmt.type == "text":
             return None
         wanted: dict[str, Any] = (
