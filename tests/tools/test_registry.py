@@ -45,7 +45,9 @@ def fake_browser(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 
 def test_it_builds_the_enabled_tools_with_their_settings(fake_browser: types.ModuleType) -> None:
-    settings = ToolsSettings.model_validate({"browser": {"greeting": "hello"}})
+    settings = ToolsSettings.model_validate(
+        {"enabled": ["browser"], "browser": {"greeting": "hello"}}
+    )
     assert isinstance(settings.browser, _FakeSettings)
     tools = registry.tools_for(settings)
     # the second "echo" has a taken name and is skipped
