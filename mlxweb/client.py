@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference.grpc import mlxweb_pb2 as pb
 from inference.grpc import mlxweb_pb2_grpc as pb_grpc
+from inference.grpc.options import SCALAR_OPTIONS
 
 __all__ = [
     "Client",
@@ -42,19 +43,6 @@ __all__ = [
 
 SOCKET_NAME = "grpc.sock"
 HEALTH_TIMEOUT_S = 2.0
-_SCALAR_OPTIONS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "max_tokens",
-        "seed",
-    }
-)
 
 
 @dataclass
@@ -135,7 +123,7 @@ def _options(params: dict[str, Any]) -> pb.GenerationOptions:
         if value is None:
             continue
         try:
-            if name in _SCALAR_OPTIONS:
+            if name in SCALAR_OPTIONS:
                 setattr(options, name, value)
             elif name == "stop":
                 options.stop.extend([value] if isinstance(value, str) else list(value))

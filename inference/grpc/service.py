@@ -31,6 +31,7 @@ from inference.api.errors import describe_validation, from_service_error
 from inference.api.replies import ReplyStream
 from inference.grpc import mlxweb_pb2 as pb
 from inference.grpc import mlxweb_pb2_grpc as pb_grpc
+from inference.grpc.options import SCALAR_OPTIONS
 from inference.models import Generation
 from inference.schemas import ChatMessage, GenerationParams
 
@@ -52,17 +53,6 @@ STATUS_CODES = {
 NO_KEY = (
     "A valid API key is needed: send `authorization: Bearer <key>` metadata (keys are made on "
     "the settings page, /settings/keys/, or with `manage.py api_keys create`)."
-)
-_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "seed",
 )
 _TASKS = ("generate", "embed")
 
@@ -124,7 +114,7 @@ async def authenticate(context: Any) -> api.ApiCaller:
 def _overrides(options: pb.GenerationOptions) -> dict[str, Any]:
     """The GenerationParams overrides a request set (unset fields keep the model's defaults)."""
     values: dict[str, Any] = {
-        name: getattr(options, name) for name in _SAMPLING if options.HasField(cast(Any, name))
+        name: getattr(options, name) for name in SCALAR_OPTIONS if options.HasField(cast(Any, name))
     }
     if options.stop:
         values["stop"] = list(options.stop)
