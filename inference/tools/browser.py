@@ -569,6 +569,25 @@ class BrowserTool:
             return self._find(loaded, query)
         return self._readable(loaded)
 
+    @staticmethod
+    def _wait_for_load(
+        page: Page, proxy: EgressProxy, context: ToolContext, deadline: float
+    ) -> None:
+        """Wait for the page's load event in short slices, so that a page cut off at the byte
+        budget or a stop ends the wait at once: chromium keeps waiting for a page whose
+        connection the proxy closed mid-body."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        while not (proxy.budget.exceeded or context.cancelled()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("Timeout waiting for the page to load")
+            try:
+                page.wait_for_load_state("load", timeout=min(250.0, left * 1000))
+                return
+            except PlaywrightTimeout:
+                continue
+
     def _load(
         self,
         page: Page,
@@ -584,7 +603,8 @@ class BrowserTool:
         timeout = min(self.settings.navigation_timeout, remaining)
         refused_before = len(proxy.refusals)
         try:
-            response = page.goto(url, wait_until="load", timeout=timeout * 1000)
+            response = page.goto(url, wait_until="commit", timeout=timeout * 1000)
+            self._wait_for_load(page, proxy, context, time.monotonic() + timeout)
         except Exception as exc:
             message = str(exc)
             if context.cancelled():
