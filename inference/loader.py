@@ -119,12 +119,20 @@ def float32_bytes(model: nn.Module) -> int:
 
 
 def use_float32_on_cpu(loaded: LoadedModel, max_bytes: int) -> bool:
-    """Serve the model in float32 if MLX runs on the CPU and its float32 weights fit `max_bytes`.
+    """Serve the model in float32 if MLX runs on the CPU and its float32 weights fit `max_bytes`
+    (see `float32_on_cpu`). Returns whether the model was changed."""
+    return float32_on_cpu(loaded.model, max_bytes, label=loaded.spec.id)
+
+
+def float32_on_cpu(model: nn.Module, max_bytes: int, *, label: str) -> bool:
+    """Dequantize and cast `model` to float32 if MLX runs on the CPU and it fits `max_bytes`.
 
     On x86 MLX's quantized matmul is a scalar single-threaded loop and float16/bfloat16 are
     emulated, while float32 matmuls go through BLAS (OpenBLAS, which the launcher preloads):
     SmolLM2-135M decodes about twice and prefills about thirteen times as fast (see
-    ENGINE_FACTS). The files on disk stay as they are. Returns whether the model was changed.
+    ENGINE_FACTS). Dequantizing computes the same function (the same weights, read out once), so
+    serving and validation may both use it. The files on disk stay as they are. Returns whether
+    the model was changed.
     """
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
@@ -133,24 +141,24 @@ def use_float32_on_cpu(loaded: LoadedModel, max_bytes: int) -> bool:
 
     if mx.default_device() != mx.cpu or max_bytes <= 0:
         return False
-    params = parameters(loaded.model)
+    params = parameters(model)
     quantized = any(name.endswith(".scales") for name, _ in params)
     narrow = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in params)
     if not (quantized or narrow):
         return False
-    size = float32_bytes(loaded.model)
+    size = float32_bytes(model)
     if size > max_bytes:
         logger.info(
             "model %s stays as it is: float32 would take %.2f GB (cpu_float32_max_bytes %.2f GB)",
-            loaded.spec.id,
+            label,
             size / 1e9,
             max_bytes / 1e9,
         )
         return False
-    dequantize_model(loaded.model)
-    loaded.model.set_dtype(mx.float32)
-    mx.eval(loaded.model.parameters())
-    logger.info("model %s runs in float32 on the CPU (%.2f GB)", loaded.spec.id, size / 1e9)
+    dequantize_model(model)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    logger.info("model %s runs in float32 on the CPU (%.2f GB)", label, size / 1e9)
     return True
 
 

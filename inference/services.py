@@ -631,10 +631,16 @@ def weights_release_memory() -> None:
 
 def validation_reference(*, kind: str, path: Path) -> tuple[Any, Any]:
     """A (model, tokenizer) to compare with: a GGUF file dequantized to float32 ("gguf"), or a
-    model folder as it is ("dir"). Raises GGUFError, OSError."""
+    model folder ("dir"), computed as the engine serves it: in float32 when MLX runs on the CPU
+    and it fits `cpu_float32_max_bytes` (the same function, several times faster there than
+    MLX's quantized matmul). Raises GGUFError, OSError."""
     if kind == "gguf":
         return _evaluation.gguf_reference(path)
-    return _evaluation.hf_reference(path)
+    from inference.loader import float32_on_cpu
+
+    model, tokenizer = _evaluation.hf_reference(path)
+    float32_on_cpu(model, settings.MLXWEB_CONFIG.server.cpu_float32_max_bytes, label=path.name)
+    return model, tokenizer
 
 
 def validation_measure(
