@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from django.test import AsyncClient
 from inference.api import services
 from inference.services import model_fetch
 from tests.chat.conftest import FakeEngine, fake_engine, running_worker  # noqa: F401
-from tests.support.live import Site, write_configs
+from tests.support.live import Site, api_site
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -154,39 +152,21 @@ def minilm_dir() -> Path:
 def live_api(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm_dir: Path
 ) -> Iterator[LiveApi]:
-    root = tmp_path_factory.mktemp("api-site")
-    models = root / "models"
-    shutil.copytree(tiny_model_dir, models / "tiny")
-    (models / EMBED_MODEL).symlink_to(minilm_dir, target_is_directory=True)
-    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
-    (configs / "models" / f"{EMBED_MODEL}.yaml").write_text(
-        f"name: all-MiniLM-L6-v2\ntask: embed\nsource:\n  path: {EMBED_MODEL}\n"
-        "context_length: 256\n"
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
-        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
-        "MLXWEB_CONFIG_DIR": str(configs),
-        "MLXWEB_MODELS_DIR": str(models),
-        "MLXWEB_VAR_DIR": str(root / "var"),
-        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
-        "MLXWEB_SECRET_KEY": "api-test",
-        # Short replies keep the suite fast; schemathesis and the concurrency test send many.
-        "MLXWEB_MAX_NEW_TOKENS": "64",
-        "MLXWEB_API_REQUESTS_PER_MINUTE": "100000",
-        "MLXWEB_API_MAX_CONCURRENT_STREAMS": "16",
-        "MLXWEB_MAX_QUEUED_REPLIES_PER_USER": "32",
-        "PYTHONUNBUFFERED": "1",
-    }
-    site = Site(env=env, log_dir=root)
-    site.manage("migrate", "--noinput", "-v0")
-    site.manage(
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User; "
-        f"User.objects.create_user('ada', password={PASSWORD!r}); "
-        f"User.objects.create_user('bob', password={PASSWORD!r}); "
-        f"User.objects.create_superuser('root', password={PASSWORD!r})",
+    site = api_site(
+        tmp_path_factory.mktemp("api-site"),
+        tiny_model_dir=tiny_model_dir,
+        embed_model=EMBED_MODEL,
+        embed_dir=minilm_dir,
+        users={"ada": False, "bob": False, "root": True},
+        password=PASSWORD,
+        env={
+            "MLXWEB_SECRET_KEY": "api-test",
+            # Short replies keep the suite fast; schemathesis and the concurrency test send many.
+            "MLXWEB_MAX_NEW_TOKENS": "64",
+            "MLXWEB_API_REQUESTS_PER_MINUTE": "100000",
+            "MLXWEB_API_MAX_CONCURRENT_STREAMS": "16",
+            "MLXWEB_MAX_QUEUED_REPLIES_PER_USER": "32",
+        },
     )
     live = LiveApi(site=site, key="", other_key="", staff_key="")
     live.key = live.new_key("ada", "tests")

@@ -3,8 +3,6 @@ the session: the tiny model, the embedding model and two users' API keys."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +12,7 @@ import pytest
 
 from mlxweb.client import Client
 from tests.api.conftest import EMBED_MODEL, minilm_dir  # noqa: F401
-from tests.support.live import Site, free_port, write_configs
+from tests.support.live import Site, api_site, free_port
 from tests.support.waiting import wait_until
 
 PASSWORD = "a-long-pass-phrase"
@@ -66,36 +64,20 @@ def live_grpc(
     minilm_dir: Path,  # noqa: F811
 ) -> Iterator[LiveGrpc]:
     root = tmp_path_factory.mktemp("grpc-site")
-    models = root / "models"
-    shutil.copytree(tiny_model_dir, models / "tiny")
-    (models / EMBED_MODEL).symlink_to(minilm_dir, target_is_directory=True)
-    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
-    (configs / "models" / f"{EMBED_MODEL}.yaml").write_text(
-        f"name: all-MiniLM-L6-v2\ntask: embed\nsource:\n  path: {EMBED_MODEL}\n"
-        "context_length: 256\n"
-    )
     tcp_port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
-        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
-        "MLXWEB_CONFIG_DIR": str(configs),
-        "MLXWEB_MODELS_DIR": str(models),
-        "MLXWEB_VAR_DIR": str(root / "var"),
-        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
-        "MLXWEB_SECRET_KEY": "grpc-test",
-        "MLXWEB_GRPC_TCP_PORT": str(tcp_port),
-        "MLXWEB_API_REQUESTS_PER_MINUTE": "100000",
-        "MLXWEB_API_MAX_CONCURRENT_STREAMS": "2",
-        "PYTHONUNBUFFERED": "1",
-    }
-    site = Site(env=env, log_dir=root)
-    site.manage("migrate", "--noinput", "-v0")
-    site.manage(
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User; "
-        f"User.objects.create_user('ada', password={PASSWORD!r}); "
-        f"User.objects.create_user('bob', password={PASSWORD!r})",
+    site = api_site(
+        root,
+        tiny_model_dir=tiny_model_dir,
+        embed_model=EMBED_MODEL,
+        embed_dir=minilm_dir,
+        users={"ada": False, "bob": False},
+        password=PASSWORD,
+        env={
+            "MLXWEB_SECRET_KEY": "grpc-test",
+            "MLXWEB_GRPC_TCP_PORT": str(tcp_port),
+            "MLXWEB_API_REQUESTS_PER_MINUTE": "100000",
+            "MLXWEB_API_MAX_CONCURRENT_STREAMS": "2",
+        },
     )
 
     def new_key(user: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.cookiejar
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,49 @@ def write_configs(directory: Path, *, model_id: str, model_dir: str, **server: o
         "sampling:\n  temperature: 0\n  max_tokens: 64\n"
     )
     return directory
+
+
+def api_site(
+    root: Path,
+    *,
+    tiny_model_dir: Path,
+    embed_model: str,
+    embed_dir: Path,
+    users: dict[str, bool],
+    password: str,
+    env: dict[str, str],
+) -> Site:
+    """A migrated site under `root` serving the tiny model ("tiny") and an embedding model,
+    with `users` (name: is superuser) made; not started. `env` adds MLXWEB_* settings."""
+    models = root / "models"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    (models / embed_model).symlink_to(embed_dir, target_is_directory=True)
+    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
+    (configs / "models" / f"{embed_model}.yaml").write_text(
+        f"name: {embed_model}\ntask: embed\nsource:\n  path: {embed_model}\n"
+        "context_length: 256\n"
+    )
+    site = Site(
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
+            "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
+            "MLXWEB_CONFIG_DIR": str(configs),
+            "MLXWEB_MODELS_DIR": str(models),
+            "MLXWEB_VAR_DIR": str(root / "var"),
+            "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        },
+        log_dir=root,
+    )
+    site.manage("migrate", "--noinput", "-v0")
+    made = "; ".join(
+        f"User.objects.{'create_superuser' if admin else 'create_user'}({name!r}, "
+        f"password={password!r})"
+        for name, admin in users.items()
+    )
+    site.manage("shell", "-c", f"from django.contrib.auth.models import User; {made}")
+    return site
 
 
 @dataclass
