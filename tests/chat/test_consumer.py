@@ -14,7 +14,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, ToolStep
 from chat.schemas import (
     MAX_JSON_DEPTH,
     FrameError,
@@ -113,6 +113,9 @@ async def test_it_refuses_a_foreign_origin(owner, conversation) -> None:
         (_send("hi", model="../../etc/passwd"), "Unknown model"),
         (json.dumps({"type": "stop", "reply": "nope"}), "reply"),
         (json.dumps({"type": "send", "text": "hi", "surprise": 1}), "surprise"),
+        (json.dumps({"type": "tool", "step": "nope", "decision": "approve"}), "step"),
+        (json.dumps({"type": "tool", "step": "0" * 32, "decision": "maybe"}), "decision"),
+        (json.dumps({"type": "tool", "step": "0" * 32, "decision": "approve"}), "no longer waits"),
     ],
 )
 async def test_it_answers_bad_messages_with_an_error_and_stays_usable(
@@ -388,4 +391,27 @@ async def test_it_sends_every_turn_when_the_last_reply_has_no_record(
         {"role": "user", "content": "First"},
         {"role": "user", "content": "Second"},
     ]
+    await communicator.disconnect()
+
+
+async def test_it_refuses_a_decision_on_a_strangers_tool_call(
+    owner, stranger, conversation
+) -> None:
+    def waiting_step_of_the_stranger() -> ToolStep:
+        theirs = Conversation.objects.create(user=stranger, model_id="smollm2-135m-instruct")
+        reply = Message.objects.create(conversation=theirs, role=Message.Role.ASSISTANT)
+        return ToolStep.objects.create(
+            message=reply, call_id="c1", name="python", mutating=True, state=ToolStep.State.WAITING
+        )
+
+    step = await sync_to_async(waiting_step_of_the_stranger)()
+    communicator = await _connect(owner, conversation)
+    await communicator.send_to(
+        text_data=json.dumps({"type": "tool", "step": str(step.code), "decision": "approve"})
+    )
+
+    frame = await communicator.receive_from(timeout=5)
+    assert 'id="socket-error"' in frame and "no longer waits" in frame
+    await sync_to_async(step.refresh_from_db)()
+    assert step.state == ToolStep.State.WAITING
     await communicator.disconnect()
