@@ -25,7 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from inference.weights.sentence import SentenceModelError, SentencePipeline, read_pipeline
+from inference.weights.sentence import (
+    BERT_ACTIVATIONS,
+    BertConfig,
+    SentenceModelError,
+    SentencePipeline,
+    read_pipeline,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -33,40 +39,7 @@ if TYPE_CHECKING:
 # sentence-transformers' default `encode` batch size.
 DEFAULT_BATCH_SIZE = 32
 _ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu}
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    """The hyperparameters of a BERT encoder (`config.json`, Hugging Face's names)."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> BertConfig:
-        if config.get("model_type") != "bert":
-            raise SentenceModelError(
-                f"model type {config.get('model_type')!r}: only BERT encoders are implemented"
-            )
-        if config.get("position_embedding_type", "absolute") != "absolute":
-            raise SentenceModelError("only absolute position embeddings are implemented")
-        try:
-            known = {name: config[name] for name in cls.__dataclass_fields__ if name in config}
-            built = cls(**known)
-        except TypeError as e:
-            raise SentenceModelError(f"config.json lacks a BERT setting: {e}") from e
-        if built.hidden_act not in _ACTIVATIONS:
-            raise SentenceModelError(f"unsupported activation {built.hidden_act!r}")
-        if built.hidden_size % built.num_attention_heads:
-            raise SentenceModelError("hidden_size is not a multiple of num_attention_heads")
-        return built
+assert set(_ACTIVATIONS) == set(BERT_ACTIVATIONS)
 
 
 class _Embeddings(nn.Module):

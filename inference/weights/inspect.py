@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from inference.weights.gguf.reader import GGUFError, read_summary
 from inference.weights.sentence import (
+    BertConfig,
     SentenceModelError,
     is_sentence_transformer_dir,
     read_pipeline,
@@ -30,16 +31,6 @@ logger = logging.getLogger(__name__)
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # GGUF tensor types that MLX's own `mx.load` reads (quantized ones straight into its layout).
 _GGUF_MLX_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
-# What the embedding loader (inference.embeddings.BertConfig) needs from a config.json.
-_BERT_SETTINGS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-)
-_BERT_ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass(frozen=True)
@@ -212,20 +203,9 @@ def _header_or_empty(path: Path) -> dict[str, Any]:
 def _embedding_problem(path: Path, config: dict[str, Any], weight_files: list[Path]) -> str:
     """Why the embedding loader (a BERT encoder with sentence-transformers' pooling, in
     inference.embeddings) cannot load the sentence-transformers folder at `path`; "" if it
-    can. The same checks it makes, read from the small files only (no mlx here)."""
-    model_type = config.get("model_type")
-    if model_type != "bert":
-        return f"the embedding loader implements BERT encoders, not {model_type!r}"
-    if config.get("position_embedding_type", "absolute") != "absolute":
-        return "only absolute position embeddings are implemented"
-    missing = [name for name in _BERT_SETTINGS if not isinstance(config.get(name), int)]
-    if missing:
-        return f"config.json lacks BERT setting(s): {', '.join(missing)}"
-    if config.get("hidden_act", "gelu") not in _BERT_ACTIVATIONS:
-        return f"unsupported activation {config.get('hidden_act')!r}"
-    if config["num_attention_heads"] <= 0 or config["hidden_size"] % config["num_attention_heads"]:
-        return "hidden_size is not a multiple of num_attention_heads"
+    can: the loader's own checks (`BertConfig`), read from the small files only (no mlx here)."""
     try:
+        BertConfig.from_dict(config)
         read_pipeline(path)
     except SentenceModelError as e:
         return str(e)

@@ -115,3 +115,51 @@ def read_pipeline(path: Path) -> SentencePipeline:
         dimension=int(dimension) if isinstance(dimension, int) else None,
         lowercase=bool(bert_config.get("do_lower_case", False)),
     )
+
+
+# The activations the encoder implements (inference.embeddings maps each to its mlx function).
+BERT_ACTIVATIONS = ("gelu", "relu")
+_BERT_SETTINGS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The hyperparameters of a BERT encoder (`config.json`, Hugging Face's names)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> BertConfig:
+        """The encoder `config` describes, or SentenceModelError saying what the embedding
+        loader cannot run (the library's inspection asks the same question, without mlx)."""
+        model_type = config.get("model_type")
+        if model_type != "bert":
+            raise SentenceModelError(
+                f"the embedding loader implements BERT encoders, not {model_type!r}"
+            )
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise SentenceModelError("only absolute position embeddings are implemented")
+        missing = [name for name in _BERT_SETTINGS if not isinstance(config.get(name), int)]
+        if missing:
+            raise SentenceModelError(f"config.json lacks BERT setting(s): {', '.join(missing)}")
+        built = cls(**{name: config[name] for name in cls.__dataclass_fields__ if name in config})
+        if built.hidden_act not in BERT_ACTIVATIONS:
+            raise SentenceModelError(f"unsupported activation {built.hidden_act!r}")
+        if built.num_attention_heads <= 0 or built.hidden_size % built.num_attention_heads:
+            raise SentenceModelError("hidden_size is not a multiple of num_attention_heads")
+        return built
