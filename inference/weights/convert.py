@@ -329,56 +329,6 @@ def _write_model_dir(
     return parameters
 
 
-def save_mlx_dir(
-    gguf_model: GGUFModel,
-    out_dir: Path,
-    *,
-    bits: int | None = None,
-    group_size: int = 64,
-    dtype: str | None = None,
-    refine: bool = True,
-    progress: Progress | None = None,
-) -> Path:
-    """Write a model read by `read_gguf` as an mlx-lm model directory that `mlx_lm.load` reads
-    back to the same model, re-quantized as `import_gguf` would.
-
-    Reports "quantize" (one per module) then "save"; checks for a cancel between modules.
-    An existing `out_dir` is replaced.
-    """
-    out_dir = Path(out_dir)
-    model_type = gguf_model.config["model_type"]
-    sink = WeightSink(bits, group_size, dtype=dtype or default_dtype(model_type), refine=refine)
-    modules: dict[str, dict[str, mx.array]] = {}
-    for name, value in gguf_model.weights.items():
-        module, suffix = name.rsplit(".", 1)
-        modules.setdefault(module, {})[suffix] = value
-    check_cancelled(progress)
-    if progress is not None:
-        progress.step("quantize", total=len(modules))
-    for module, parts in modules.items():
-        sink.add(module, parts, gguf_model.source_types.get(module, "unknown"))
-        if progress is not None:
-            progress.advance()
-        check_cancelled(progress)
-    config = {k: v for k, v in gguf_model.config.items() if k != "quantization"}
-    quantization = sink.quantization()
-    if quantization is not None:
-        config["quantization"] = quantization
-    converted = GGUFModel(
-        architecture=gguf_model.architecture,
-        config=config,
-        weights=sink.weights,
-        tokenizer=gguf_model.tokenizer,
-        chat_template=gguf_model.chat_template,
-        source_types=sink.source_types,
-    )
-    with staged(out_dir, overwrite=True, progress=progress) as staging:
-        _write_model_dir(converted, staging, progress=progress)
-    if progress is not None:
-        progress.advance()
-    return out_dir
-
-
 def import_gguf(
     path: Path,
     out_dir: Path,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from inference.weights.convert import GGUFModel, build_model, read_gguf, save_mlx_dir
+from inference.weights.convert import GGUFModel, build_model, read_gguf
 from inference.weights.gguf import GGUFError, UnsupportedArchitecture, read_header
 from inference.weights.gguf.tensors import load_tensors, unpermute_rows
 from inference.weights.gguf.tokenizer import build_tokenizer
@@ -110,23 +110,6 @@ def test_it_answers_greedily_in_memory(smollm2_built: tuple[Any, Any]) -> None:
     eos = tokenizer.eos_token_ids
     reply = tokenizer.decode([t for t in tokens if t not in eos])
     assert "Paris" in reply
-
-
-def test_it_saves_a_directory_that_mlx_lm_loads_to_the_same_tokens(
-    smollm2_in_memory: GGUFModel, smollm2_built: tuple[Any, Any], tmp_path: Path
-) -> None:
-    from mlx_lm import load
-
-    out = save_mlx_dir(smollm2_in_memory, tmp_path / "smollm2")
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging renamed away
-    loaded_model, loaded_tokenizer = cast(tuple[Any, Any], load(str(out)))
-
-    model, tokenizer = smollm2_built
-    prompt = tokenizer.apply_chat_template(PARIS_PROMPT, add_generation_prompt=True)
-    assert loaded_tokenizer.apply_chat_template(PARIS_PROMPT, add_generation_prompt=True) == prompt
-    assert loaded_tokenizer.eos_token_ids == tokenizer.eos_token_ids
-    assert _greedy(loaded_model, prompt, 8) == _greedy(model, prompt, 8)
 
 
 # --------------------------------------------------------------------------- synthetic models
