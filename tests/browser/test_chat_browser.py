@@ -119,7 +119,16 @@ def test_it_keeps_streaming_across_a_reload(first_user_page: Page, live_site) ->
     streaming = page.locator("article.assistant .streaming").last
     if streaming.count():  # still streaming after the reload: it shows the text and goes on
         expect(streaming).not_to_be_empty()
-        assert len(streaming.inner_text()) >= before * 0.5
+        # The page first shows the row's text (flushed every half second), then the worker's
+        # snapshot replaces it: wait for that, rather than read the length at one instant.
+        page.wait_for_function(
+            """min => {
+                const e = [...document.querySelectorAll('article.assistant .streaming')].pop();
+                return !e || e.textContent.length >= min;
+            }""",
+            arg=before * 0.5,
+            timeout=30_000,
+        )
     reply = page.locator("article.assistant").last
     expect(reply.locator(".body.md")).to_be_visible(timeout=120_000)
     assert len(reply.locator(".body.md").inner_text()) >= before * 0.5
