@@ -75,7 +75,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         # A tool loop left mid-way (no tab was open when its reply ended) goes on.
         last = await database_sync_to_async(
-            lambda: conversation.messages.select_related("generation").order_by("-id").first()
+            lambda: (
+                Message.objects.select_related("generation")
+                .filter(pk=conversation.leaf_id)
+                .first()
+            )
         )()
         if last is not None and last.role == Message.Role.ASSISTANT:
             await self._advance_tools(last)

@@ -24,9 +24,23 @@ class Conversation(models.Model):
     # the user allowed once for all in this conversation ("always allow").
     tools_enabled = models.BooleanField(default=False)
     allowed_tools = models.JSONField(default=list, blank=True)
+    # Messages form a tree (regenerated and edited turns are siblings); `leaf` is the last
+    # message of the branch shown, and the page shows the path from the root to it.
+    leaf = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    pinned = models.BooleanField(default=False)
+    # Whether the user set the title (a generated title never replaces theirs).
+    title_edited = models.BooleanField(default=False)
+    # The sticky settings of the conversation (issue 9): a preset's name (a built-in from
+    # configs/presets/ or one of the user's `Preset` rows), the system prompt and the sampling
+    # values that override it.
+    preset = models.CharField(max_length=100, blank=True)
+    system_prompt = models.TextField(blank=True)
+    params = models.JSONField(default=dict, blank=True)
 
     class Meta:
-        ordering = ["-updated_at", "-id"]
+        ordering = ["-pinned", "-updated_at", "-id"]
         indexes = [models.Index(fields=["user", "-updated_at"])]
 
     def __str__(self) -> str:
@@ -54,6 +68,11 @@ class Message(models.Model):
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
     role = models.CharField(max_length=16, choices=Role.choices)
+    # The message this one answers or follows; null for the first message. Siblings (same
+    # parent) are the versions of one turn: regenerated replies, edited user messages.
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
     content = models.TextField(blank=True)
     generation = models.OneToOneField(
         Generation, null=True, blank=True, on_delete=models.SET_NULL, related_name="message"
@@ -76,6 +95,34 @@ class Message(models.Model):
     def tools_pending(self) -> bool:
         """Whether a tool call of this reply still waits for approval or runs."""
         return any(step.state in ToolStep.PENDING_STATES for step in self.tool_steps.all())
+
+
+class Preset(models.Model):
+    """A user's own preset: a system prompt and sampling values, optionally a model, and
+    optionally extending another preset (a built-in or one of theirs) by name."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="presets"
+    )
+    name = models.CharField(max_length=100)
+    description = models.CharField(max_length=300, blank=True)
+    extends = models.CharField(max_length=100, blank=True)
+    system_prompt = models.TextField(blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    model_id = models.CharField(max_length=100, blank=True)
+    # Whether conversations with this preset offer the server's tools; null: leave as it is.
+    tools = models.BooleanField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "name"], name="chat_preset_user_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class ToolStep(models.Model):

@@ -56,15 +56,41 @@ def conversation_delete(*, conversation: Conversation) -> None:
     conversation.delete()
 
 
-def _prompt_messages(conversation: Conversation) -> list[ChatMessage]:
-    """The conversation so far as the model sees it, rebuilt from every turn. Failed replies are
-    left out.
+def conversation_path(
+    conversation: Conversation, *, leaf: Message | None = None
+) -> list[Message]:
+    """The messages from the root down to `leaf` (the conversation's current leaf when not
+    given), oldest first. Each carries `sibling_index` (1-based) and `siblings` (the codes of
+    its versions, oldest first), for the `< 2/3 >` navigation. One query, however many
+    branches."""
+    by_id: dict[int, Message] = {}
+    children: dict[int | None, list[Message]] = {}
+    for message in conversation.messages.select_related("generation").order_by("id"):
+        by_id[message.pk] = message
+        children.setdefault(message.parent_id, []).append(message)
+    # Without a leaf (rows written by hand), the newest message.
+    leaf_id = leaf.pk if leaf is not None else conversation.leaf_id or max(by_id, default=None)
+    path: list[Message] = []
+    node = by_id.get(leaf_id) if leaf_id is not None else None
+    while node is not None:
+        versions = children[node.parent_id]
+        node.siblings = [m.code for m in versions]  # type: ignore[attr-defined]
+        node.sibling_index = versions.index(node) + 1  # type: ignore[attr-defined]
+        path.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    path.reverse()
+    return path
+
+
+def _prompt_messages(conversation: Conversation, path: list[Message]) -> list[ChatMessage]:
+    """The conversation so far as the model sees it, rebuilt from the turns of `path`. Failed
+    replies are left out.
 
     Only for a conversation whose last reply has no recorded prompt to continue from: usually
     the next prompt is the last reply's prompt and text plus the new turn (`message_send`).
     """
     turns: list[ChatMessage] = []
-    for message in conversation.messages.select_related("generation"):
+    for message in path:
         if message.role == Message.Role.USER:
             turns.append(ChatMessage(role="user", content=message.content))
         elif message.generation is not None and message.generation.text:
@@ -107,15 +133,20 @@ def message_send(
         model_id=model_id, overrides={**(params or {}), **_tool_overrides(conversation)}
     )
 
-    last = conversation.messages.select_related("generation").order_by("-id").first()
+    last = (
+        Message.objects.select_related("generation").get(pk=conversation.leaf_id)
+        if conversation.leaf_id is not None
+        else None
+    )
     user_message = Message.objects.create(
-        conversation=conversation, role=Message.Role.USER, content=text
+        conversation=conversation, role=Message.Role.USER, content=text, parent=last
     )
     turn = [ChatMessage(role="user", content=text)]
     previous = last.generation if last is not None else None
     if last is not None and (previous is None or previous.prompt_id is None):
         # Nothing recorded to continue from (the reply's row is gone): send every turn.
-        previous, turn = None, _prompt_messages(conversation)
+        previous = None
+        turn = _prompt_messages(conversation, conversation_path(conversation, leaf=user_message))
     try:
         generation = inference.generation_create(
             model_id=model_id,
@@ -128,9 +159,12 @@ def message_send(
     except inference.GenerationLimitReached as e:
         raise ChatError(str(e)) from e
     reply = Message.objects.create(
-        conversation=conversation, role=Message.Role.ASSISTANT, generation=generation
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        generation=generation,
+        parent=user_message,
     )
-    updates = {"updated_at": timezone.now(), "model_id": model_id}
+    updates = {"updated_at": timezone.now(), "model_id": model_id, "leaf": reply}
     if conversation.title == Conversation._meta.get_field("title").default:
         first_line = " ".join(text.split())
         updates["title"] = (
@@ -170,11 +204,15 @@ def conversation_import(
     ) or conversation.title
     conversation.save(update_fields=["title"])
     previous = None
+    parent: Message | None = None
     pending: list[ChatMessage] = list(system)
     for message in turns:
         if message.role == "user":
-            Message.objects.create(
-                conversation=conversation, role=Message.Role.USER, content=message.content
+            parent = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.USER,
+                content=message.content,
+                parent=parent,
             )
             pending.append(message)
             continue
@@ -186,10 +224,15 @@ def conversation_import(
             previous=previous,
             user=conversation.user,
         )
-        Message.objects.create(
-            conversation=conversation, role=Message.Role.ASSISTANT, generation=previous
+        parent = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            generation=previous,
+            parent=parent,
         )
         pending = []
+    conversation.leaf = parent
+    conversation.save(update_fields=["leaf"])
     return conversation
 
 
@@ -381,19 +424,19 @@ def tool_round_continue(*, reply: Message) -> Message | None:
     conversation = Conversation.objects.select_for_update().get(pk=reply.conversation_id)
     reply = Message.objects.select_related("generation").get(pk=reply.pk)
     steps = list(reply.tool_steps.all())
-    last = conversation.messages.order_by("-id").first()
     if (
         not steps
-        or last is None
-        or last.pk != reply.pk
+        or conversation.leaf_id != reply.pk
         or reply.generation is None
         or any(step.is_pending or step.state == ToolStep.State.STOPPED for step in steps)
     ):
         return None
-    last_user = conversation.messages.filter(role=Message.Role.USER).order_by("-id").first()
-    rounds = conversation.messages.filter(
-        role=Message.Role.ASSISTANT, id__gt=last_user.pk if last_user else 0
-    ).count()
+    # The replies since the user's last turn: this reply and the ones it continues.
+    rounds = 0
+    node: Message | None = reply
+    while node is not None and node.role == Message.Role.ASSISTANT:
+        rounds += 1
+        node = node.parent
     final = rounds >= settings.MLXWEB_CONFIG.server.tools.max_rounds
     previous = reply.generation
     params = inference.generation_params(
@@ -419,7 +462,12 @@ def tool_round_continue(*, reply: Message) -> Message | None:
     except inference.GenerationLimitReached as e:
         raise ChatError(str(e)) from e
     message = Message.objects.create(
-        conversation=conversation, role=Message.Role.ASSISTANT, generation=generation
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        generation=generation,
+        parent=reply,
     )
-    Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    Conversation.objects.filter(pk=conversation.pk).update(
+        updated_at=timezone.now(), leaf=message
+    )
     return message

@@ -50,7 +50,7 @@ def _get_conversation_for_user(request: SignedInRequest, code: UUID) -> Conversa
 def _page_context(request: SignedInRequest, conversation: Conversation | None) -> dict[str, Any]:
     conversations = Conversation.objects.filter(user=request.user)
     chat_messages = (
-        conversation.messages.select_related("generation") if conversation is not None else []
+        services.conversation_path(conversation) if conversation is not None else []
     )
     return {
         "conversation": conversation,

@@ -176,6 +176,15 @@ class Generation(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     trimmed_messages = models.PositiveIntegerField(default=0)
     worker_id = models.CharField(max_length=100, blank=True)
+    # Where the reply came from, to show and to replay: model revision or file hash,
+    # quantization, chat-template hash, sampler settings, seed, mlx and mlx-lm versions.
+    provenance = models.JSONField(default=dict, blank=True)
+    # Per generated token: {"token", "logprob", "top": [{"token", "logprob"}, ...]}, kept for
+    # the token-level fork when the reply asked for it.
+    token_trace = models.JSONField(default=list, blank=True)
+    # What the engine reports besides the counts: speculative decoding's acceptance, where the
+    # prompt cache came from, and the like.
+    details = models.JSONField(default=dict, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -293,6 +302,12 @@ class WorkerHeartbeat(models.Model):
     loaded = models.JSONField(default=list, blank=True)
     queued = models.PositiveIntegerField(default=0)
     streaming = models.PositiveIntegerField(default=0)
+    # Scale-out (issue 13): the worker's own channel (stop and sync for its replies go there),
+    # its memory budget and what of it is used, and whether it is draining (takes no new work).
+    channel_name = models.CharField(max_length=200, blank=True)
+    budget_bytes = models.BigIntegerField(default=0)
+    used_bytes = models.BigIntegerField(default=0)
+    draining = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return f"{self.worker_id} at {self.updated_at}"
