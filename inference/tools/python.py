@@ -21,6 +21,7 @@ repr. Files created or changed in the workspace are listed; images come back as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mimetypes
@@ -161,6 +162,9 @@ class PythonSettings(BaseModel):
     max_processes: int = Field(32, ge=4, le=4096)
     # Largest file the code may write, MiB (RLIMIT_FSIZE); also the size of its private /tmp.
     max_file_mb: int = Field(64, ge=1, le=16384)
+    # What the conversation's workspace may hold, MiB. A call that leaves it over this loses
+    # the files it created or grew (each file is already bounded by max_file_mb while it runs).
+    workspace_mb: int = Field(512, ge=1, le=1_048_576)
     # Wall-clock seconds before the whole sandbox is killed (the call's own timeout may be less).
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
     # Characters of stdout and of stderr kept; the rest is cut.
@@ -192,13 +196,16 @@ def _bwrap() -> str | None:
     return shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
 
 
-def _walk(root: Path) -> dict[str, tuple[int, int]] | None:
-    """Regular files under root (symlinks not followed): relative path -> (mtime_ns, size)."""
+def _walk(
+    root: Path, *, limit: int | None = MAX_WORKSPACE_ENTRIES
+) -> dict[str, tuple[int, int]] | None:
+    """Regular files under root (symlinks not followed): relative path -> (mtime_ns, size);
+    None past `limit` entries."""
     found: dict[str, tuple[int, int]] = {}
     count = 0
     for dirpath, dirnames, filenames in os.walk(root):
         count += len(dirnames) + len(filenames)
-        if count > MAX_WORKSPACE_ENTRIES:
+        if limit is not None and count > limit:
             return None
         for name in filenames:
             path = os.path.join(dirpath, name)
@@ -331,7 +338,37 @@ class PythonTool:
             logger.exception("python: the sandbox could not start")
             return _failure(f"The sandbox could not start: {exc}")
         after = _walk(workspace) if before is not None else None
-        return self._result(run, workspace, before, after)
+        over_quota = self._enforce_quota(workspace, before, after)
+        return self._result(run, workspace, before, after, over_quota=over_quota)
+
+    def _enforce_quota(
+        self,
+        workspace: Path,
+        before: dict[str, tuple[int, int]] | None,
+        after: dict[str, tuple[int, int]] | None,
+    ) -> list[str]:
+        """Keep the workspace within `workspace_mb`: when this call left it over the quota (or
+        with more entries than can be walked), remove the files the call created or changed and
+        return their names; a workspace already over before the call is left as it was, so that
+        its owner can still clean it up."""
+        quota = self.settings.workspace_mb * 1024 * 1024
+        if before is None:
+            return []
+        if after is not None and sum(size for _, size in after.values()) <= quota:
+            return []
+        if after is None:
+            after = _walk(workspace, limit=None) or {}
+        written = sorted(p for p, meta in after.items() if before.get(p) != meta)
+        for rel in written:
+            with contextlib.suppress(OSError):
+                (workspace / rel).unlink()
+        # Folders the call made and left empty go too.
+        for dirpath, _, _ in sorted(os.walk(workspace), key=lambda d: -len(d[0])):
+            rel = os.path.relpath(dirpath, workspace)
+            if rel != "." and not any(p.startswith(rel + os.sep) for p in before):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        return written
 
     def _limits_json(self, result_fd: int) -> str:
         s = self.settings
@@ -494,6 +531,8 @@ class PythonTool:
         workspace: Path,
         before: dict[str, tuple[int, int]] | None,
         after: dict[str, tuple[int, int]] | None,
+        *,
+        over_quota: list[str],
     ) -> ToolResult:
         s = self.settings
         limit = s.max_output_chars
@@ -501,7 +540,19 @@ class PythonTool:
         value = run.result.text(limit) if run.result.data else ""
         error = self._stop_reason(run)
         changed: list[str] = []
-        if before is not None and after is not None:
+        if over_quota:
+            shown = ", ".join(over_quota[:MAX_CHANGED_FILES])
+            error = (
+                f"the workspace went over its quota ({s.workspace_mb} MB): the files this call "
+                f"wrote were removed ({shown}"
+                + (
+                    f" and {len(over_quota) - MAX_CHANGED_FILES} more"
+                    if len(over_quota) > MAX_CHANGED_FILES
+                    else ""
+                )
+                + ")"
+            )
+        elif before is not None and after is not None:
             changed = sorted(p for p, meta in after.items() if before.get(p) != meta)
         files = []
         for rel in changed[:MAX_CHANGED_FILES]:

@@ -197,6 +197,29 @@ def test_it_bounds_file_size(tool: PythonTool, context: ToolContext) -> None:
     assert (context.workspace / "huge").stat().st_size <= 4 * 2**20
 
 
+def test_it_keeps_the_workspace_within_its_quota(context: ToolContext) -> None:
+    tool = PythonTool(SETTINGS.model_copy(update={"workspace_mb": 6}))
+    kept = _run(tool, context, "open('kept', 'wb').write(b'k' * 3 * 2**20)")
+    assert kept.ok, kept.text
+
+    # Each file is under the file-size limit; together they pass the workspace's 6 MB.
+    result = _run(
+        tool,
+        context,
+        "import os\nos.makedirs('out/deep')\n"
+        "for i in range(3):\n    open(f'out/deep/{i}', 'wb').write(b'x' * 3 * 2**20)\n"
+        "open('kept', 'ab').write(b'more')",
+    )
+
+    assert not result.ok
+    assert result.error.startswith("the workspace went over its quota (6 MB)")
+    assert "out/deep/0" in result.error and "kept" in result.error
+    # What the call wrote is gone (the grown file too), folders it made included.
+    assert sorted(p.name for p in context.workspace.iterdir()) == []
+    # A call that stays within the quota works again.
+    assert _run(tool, context, "open('small', 'w').write('ok')").ok
+
+
 def test_it_stops_a_busy_loop_on_cpu_time(tool: PythonTool, context: ToolContext) -> None:
     result = _run(tool, context, "while True:\n    pass")
     assert not result.ok
