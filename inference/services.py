@@ -208,6 +208,7 @@ def generation_create(
     notify_group: str = "",
     prompt_text: str | None = None,
     priority: str = "interactive",
+    prompt: PromptMessage | None = None,
 ) -> Generation:
     """Record a generation and hand it to the worker once the row is committed.
 
@@ -224,6 +225,10 @@ def generation_create(
         raise ValueError(f"priority must be interactive or batch, not {priority!r}")
     if prompt_text is not None and (messages or previous is not None):
         raise ValueError("a raw prompt_text takes no messages and no previous generation")
+    # `prompt`: an existing prompt node answered again (the chat's regenerated reply), so the
+    # new reply's prompt is exactly the old one's.
+    if prompt is not None and (messages or previous is not None or prompt_text is not None):
+        raise ValueError("an existing prompt takes no messages, previous or prompt_text")
     spec = get_catalogue().get(model_id)  # only allowed models reach the worker
     if getattr(spec, "task", "generate") != "generate":
         raise NotAGenerationModel(f"model {model_id!r} is an embedding model: it does not chat")
@@ -233,7 +238,7 @@ def generation_create(
             _check_user_limits(user)
         if prompt_text is not None:
             prompt = PromptMessage.extend(None, PromptMessage.Role.RAW, prompt_text)
-        else:
+        elif prompt is None:
             prompt = _prompt_for(previous, messages)
         generation = Generation.objects.create(
             model_id=model_id,
@@ -280,6 +285,25 @@ def generation_record(
             ),
         )
     return generation
+
+
+# What a copy of a finished generation keeps: everything but its identity and its group.
+_COPIED_FIELDS = (
+    "model_id", "prompt_id", "params", "state", "finish_reason", "error", "text", "content",
+    "reasoning", "tool_calls", "prompt_tokens", "cached_tokens", "completion_tokens",
+    "trimmed_messages", "worker_id", "provenance", "token_trace", "details", "created_at",
+    "started_at", "first_token_at", "finished_at",
+)  # fmt: skip
+
+
+def generation_copy(*, generation: Generation, user: AbstractBaseUser | None = None) -> Generation:
+    """A finished generation's copy (the chat's fork of a conversation): same prompt node,
+    text, counts and provenance. Prompt nodes are never edited, so the copy shares them; the
+    original is untouched. Raises ValueError for a generation that is still running."""
+    if generation.is_active:
+        raise ValueError("a running generation cannot be copied")
+    values = {name: getattr(generation, name) for name in _COPIED_FIELDS}
+    return Generation.objects.create(user_id=user.pk if user is not None else None, **values)
 
 
 def generation_stop(*, generation: Generation) -> None:
