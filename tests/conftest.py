@@ -23,6 +23,18 @@ from tests.support.gguf_imports import SessionImport, import_once
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 
+# Session fixtures that run a library job, and so write to the test database.
+_DATABASE_SESSION_FIXTURES = {"smollm2_import", "gemma3_import"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-django sets up the test database only for the aliases that collected tests ask
+    for: a test that reaches it only through a session import (run on its own, say) would find
+    no test database, and the import would write to the development one. Such tests ask."""
+    for item in items:
+        if _DATABASE_SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.django_db)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
