@@ -13,6 +13,7 @@ from django.template.loader import render_to_string
 
 from chat.models import Conversation, Message
 from inference import services as inference
+from inference.catalogue import ModelSpec
 
 TEMPLATE = "chat/conversation.html"
 
@@ -21,13 +22,26 @@ def _render(partial: str, context: dict[str, Any]) -> str:
     return render_to_string(f"{TEMPLATE}#{partial}", context)
 
 
+def unavailable_reason(spec: ModelSpec) -> str:
+    """Why a listed model cannot answer now, in words for anyone (the picker, the thread)."""
+    if spec.kind == "hub":
+        return f"not downloaded yet ({spec.hub_repo} from the Hugging Face Hub)"
+    if spec.kind == "gguf":
+        return "its GGUF file is missing from the models folder"
+    if spec.path is not None and spec.path.is_dir():
+        return "its folder has no config.json (an incomplete download or conversion)"
+    return "its folder is missing from the models folder"
+
+
 def model_choices() -> list[dict[str, Any]]:
     """The picker's options: the models that generate text (embedding models cannot chat);
-    unavailable ones are shown but cannot be chosen."""
-    return [
-        {"id": spec.id, "name": spec.name, "available": spec.is_available}
-        for spec in inference.model_list(task="generate")
-    ]
+    unavailable ones are shown with the reason ("reason") but cannot be chosen."""
+    choices = []
+    for spec in inference.model_list(task="generate"):
+        available = spec.is_available
+        reason = "" if available else unavailable_reason(spec)
+        choices.append({"id": spec.id, "name": spec.name, "available": available, "reason": reason})
+    return choices
 
 
 def turn_frame(*, conversation: Conversation, messages: Sequence[Message]) -> str:
@@ -60,11 +74,15 @@ def reply_frame(message: Message) -> str:
     )
 
 
-def delta_frame(*, code: str, text: str) -> str:
-    return _render("delta-frame", {"code": code, "text": text})
+def delta_frame(*, code: str, text: str, channel: str = "content") -> str:
+    """Streamed text appended to the live reply: the answer, or (channel "reasoning", the
+    worker's split) its Thinking section. The browser renders the markdown as it grows."""
+    target = "reasoning" if channel == "reasoning" else "text"
+    return _render("delta-frame", {"code": code, "text": text, "target": target})
 
 
 def snapshot_frame(*, code: str, text: str) -> str:
+    """The whole live reply from the worker's raw text so far, split and rendered."""
     return _render("streaming-text", {"code": code, "text": text, "oob": True})
 
 
