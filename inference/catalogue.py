@@ -1,9 +1,13 @@
 """The models the worker may load: the allow-list.
 
 A request names a model by id only; this module is the one place that turns an id into a path.
-Ids come from `configs/models/*.yaml` and from MLX model directories found in the models
-directory (where the model library writes what it pulls, converts and imports). Nothing else is
-ever loaded, so no request can make the worker read an arbitrary path or repo.
+Ids come from `configs/models/*.yaml`, from MLX model directories found in the models
+directory (where the model library writes what it pulls, converts and imports), and from LoRA
+adapter folders there (mlx-lm's format: `adapter_config.json` + `adapters.safetensors`), each
+served on top of the base model its `adapter_config.json` names (`base_model`, else mlx-lm's own
+`model` key: a catalogue id, a folder of the models directory, or a hub repo of a configured
+model). Nothing else is ever loaded, so no request can make the worker read an arbitrary path or
+repo.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -51,9 +55,22 @@ class ModelSpec:
     task: Literal["generate", "embed"] = "generate"
     # Seconds to keep it loaded after its last request (-1: for good); None: the server's.
     keep_alive: float | None = None
+    # A LoRA adapter: its folder, and the id of the base model it loads on top of (whose
+    # source the fields above copy). `problem` says why it cannot load (e.g. no such base).
+    adapter_path: Path | None = None
+    base_id: str | None = None
+    problem: str | None = None
 
     def local_path(self) -> Path | None:
-        """The file or directory holding the weights, or None if they are not here."""
+        """The file or directory holding the (base model's) weights, or None if they are not
+        here."""
+        if self.problem is not None:
+            return None
+        if self.adapter_path is not None and not (
+            (self.adapter_path / ADAPTER_CONFIG).is_file()
+            and (self.adapter_path / ADAPTER_WEIGHTS).is_file()
+        ):
+            return None
         if self.kind == "hub":
             return _hub_snapshot(self.hub_repo or "", self.revision)
         assert self.path is not None
@@ -64,6 +81,73 @@ class ModelSpec:
     @property
     def is_available(self) -> bool:
         return self.local_path() is not None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A LoRA adapter folder as mlx-lm's trainer writes it."""
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def _adapter_spec(path: Path, specs: Mapping[str, ModelSpec]) -> ModelSpec:
+    """The catalogue entry of an adapter folder: its base's source plus the adapter, or an
+    entry whose `problem` says why it cannot load."""
+    adapter_id = model_id_for_dir(path.name)
+    common: dict[str, Any] = {
+        "id": adapter_id,
+        "name": path.name,
+        "configured": False,
+        "adapter_path": path,
+    }
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        config = None
+        problem = f"adapter {adapter_id!r}: unreadable {ADAPTER_CONFIG}: {e}"
+    if isinstance(config, dict):
+        base_name = config.get("base_model") or config.get("model")
+        if not isinstance(base_name, str) or not base_name.strip():
+            problem = (
+                f"adapter {adapter_id!r}: {ADAPTER_CONFIG} names no base model "
+                "(set base_model to the id of a model in the catalogue)"
+            )
+        else:
+            base = _find_base(base_name.strip(), specs)
+            if base is None:
+                problem = (
+                    f"adapter {adapter_id!r}: its base model {base_name!r} is not in the "
+                    "catalogue (set base_model in its adapter_config.json to a model id)"
+                )
+            elif base.task != "generate":
+                problem = f"adapter {adapter_id!r}: its base {base.id!r} does not generate text"
+            else:
+                return replace(
+                    base,
+                    **common,
+                    base_id=base.id,
+                    sampling=dict(base.sampling),
+                )
+    elif config is not None:
+        problem = f"adapter {adapter_id!r}: {ADAPTER_CONFIG} is not a JSON object"
+    return ModelSpec(kind="mlx", path=path, context_length=4096, problem=problem, **common)
+
+
+def _find_base(name: str, specs: Mapping[str, ModelSpec]) -> ModelSpec | None:
+    """The model an adapter's config names: an id, a folder of the models directory (by path
+    or name), or the hub repo of a configured model."""
+    candidates = [s for s in specs.values() if s.adapter_path is None]
+    for spec in candidates:
+        if spec.id == name or spec.hub_repo == name:
+            return spec
+    leaf = Path(name).name
+    for spec in candidates:
+        if spec.path is not None and (str(spec.path) == name or spec.path.name == leaf):
+            return spec
+    wanted = model_id_for_dir(leaf)
+    return next((s for s in candidates if s.id == wanted), None)
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
@@ -161,7 +245,21 @@ class Catalogue:
             spec = _spec_from_dir(found.path)
             if spec is not None and spec.id not in specs:
                 specs[spec.id] = spec
+        for folder in self._adapter_dirs():
+            adapter = _adapter_spec(folder, specs)
+            if adapter.id not in specs:
+                specs[adapter.id] = adapter
         return list(specs.values())
+
+    def _adapter_dirs(self) -> list[Path]:
+        """Adapter folders in the models directory (hidden ones skipped, as for models)."""
+        if not self.models_dir.is_dir():
+            return []
+        return [
+            child
+            for child in sorted(self.models_dir.iterdir())
+            if not child.name.startswith(".") and child.is_dir() and is_adapter_dir(child)
+        ]
 
     def available(self) -> list[ModelSpec]:
         return [s for s in self.all() if s.is_available]

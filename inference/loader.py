@@ -4,6 +4,10 @@ Only paths a `ModelSpec` names are read, and nothing is ever downloaded: hub mod
 be in the local Hugging Face cache. A GGUF file is converted once into an mlx-lm directory under
 `converted_dir`, keyed by the file's path, size and modification time, so later starts load
 that directory directly.
+
+A LoRA adapter (a catalogue entry with `adapter_path`) loads as mlx-lm's `load(...,
+adapter_path=...)` does it: its base model, then the adapter's LoRA layers on top, checked
+against the base (an adapter trained for another model is a clear error, not a crash).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from inference.catalogue import ModelSpec
+from inference.catalogue import ADAPTER_WEIGHTS, ModelSpec
+from inference.memory import weights_bytes_on_disk
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -51,6 +56,22 @@ def converted_path(spec: ModelSpec, converted_dir: Path) -> Path:
     return Path(converted_dir) / f"{spec.id}-{digest}"
 
 
+def weights_bytes(spec: ModelSpec, converted_dir: Path) -> int:
+    """What the model's weights take on disk, as it will load (a GGUF's converted folder once it
+    exists, plus an adapter's weights): the memory budget's estimate before loading."""
+    source = spec.local_path()
+    if source is None:
+        return 0
+    size = weights_bytes_on_disk(source)
+    if spec.kind == "gguf":
+        target = converted_path(spec, Path(converted_dir))
+        if (target / "config.json").is_file():
+            size = weights_bytes_on_disk(target)
+    if spec.adapter_path is not None:
+        size += weights_bytes_on_disk(spec.adapter_path / ADAPTER_WEIGHTS)
+    return size
+
+
 def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
     """Load the model a spec names. Raises `ModelLoadError` with a clear message."""
     started = time.perf_counter()
@@ -62,6 +83,8 @@ def load_model(spec: ModelSpec, converted_dir: Path) -> LoadedModel:
     else:
         model_dir = source
     model, tokenizer, config = _load_mlx_dir(spec, model_dir)
+    if spec.adapter_path is not None:
+        _apply_adapter(spec, model)
     if spec.chat_template:
         _override_chat_template(tokenizer, spec.chat_template)
     context = _context_length(spec, config)
@@ -163,6 +186,13 @@ def float32_on_cpu(model: nn.Module, max_bytes: int, *, label: str) -> bool:
 
 
 def _missing_message(spec: ModelSpec) -> str:
+    if spec.problem is not None:
+        return spec.problem
+    if spec.adapter_path is not None and spec.base_id is not None:
+        base = ModelSpec(**{**spec.__dict__, "adapter_path": None, "id": spec.base_id})
+        if base.local_path() is not None:
+            return f"adapter {spec.id!r}: adapter files missing in {spec.adapter_path}"
+        return f"adapter {spec.id!r}: base " + _missing_message(base)
     if spec.kind == "hub":
         rev = f" at revision {spec.revision}" if spec.revision else ""
         return (
@@ -220,6 +250,24 @@ def _load_mlx_dir(spec: ModelSpec, model_dir: Path) -> tuple[Any, Any, dict[str,
         # (unknown model type or weights that do not fit): all mean "this model cannot load".
         raise ModelLoadError(f"model {spec.id!r}: cannot load {model_dir}: {e}") from e
     return model, tokenizer, config
+
+
+def _apply_adapter(spec: ModelSpec, model: nn.Module) -> None:
+    """Put the adapter's LoRA layers on the base model, as mlx-lm's `load(adapter_path=...)`
+    does; ModelLoadError if they do not fit it."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+
+    assert spec.adapter_path is not None
+    try:
+        load_adapters(model, str(spec.adapter_path))
+        model.eval()
+        mx.eval(model.parameters())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        detail = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(
+            f"adapter {spec.id!r} does not fit its base model {spec.base_id!r}: {detail}"
+        ) from e
 
 
 def _override_chat_template(tokenizer: TokenizerWrapper, template: str) -> None:

@@ -255,7 +255,13 @@ class ServerConfig(_Strict):
     inference_in_process: bool | None = None
     login: LoginSettings = LoginSettings()
     hub: HubSettings = HubSettings()
-    max_loaded_models: int = Field(1, ge=1, le=16)
+    # A cap on the models loaded at once; within it, the memory budget decides (issue 10).
+    max_loaded_models: int = Field(4, ge=1, le=16)
+    # The memory budget shared by the models, their KV caches and memory-heavy library jobs
+    # (inference.memory): bytes, or None for memory_budget_fraction of what MLX may use (the
+    # GPU's recommended working set, or the machine's RAM when MLX runs on the CPU).
+    memory_budget_bytes: int | None = Field(None, ge=1)
+    memory_budget_fraction: float = Field(0.75, gt=0, le=1)
     # How long a model stays loaded after its last request (seconds, or "5m"; 0: unload at
     # once; None or negative: keep it until evicted). A model's own keep_alive comes first.
     keep_alive: KeepAlive = None
@@ -344,6 +350,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_MODELS_DIR": "models_dir",
     "MLXWEB_ALLOW_SIGNUP": "allow_signup",
     "MLXWEB_MAX_LOADED_MODELS": "max_loaded_models",
+    "MLXWEB_MEMORY_BUDGET_BYTES": "memory_budget_bytes",
+    "MLXWEB_MEMORY_BUDGET_FRACTION": "memory_budget_fraction",
     "MLXWEB_KEEP_ALIVE": "keep_alive",
     "MLXWEB_CPU_FLOAT32_MAX_BYTES": "cpu_float32_max_bytes",
     "MLXWEB_MAX_CONCURRENT_STREAMS": "limits.max_concurrent_streams",
