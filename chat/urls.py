@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from chat import views
+from chat import views, views_transfer
 
 app_name = "chat"
 
@@ -17,6 +17,11 @@ urlpatterns = [
     path("c/<uuid:code>/replies/<uuid:reply>/stop/", views.reply_stop, name="stop"),
     path("c/<uuid:code>/tools/<uuid:step>/", views.tool_decide, name="tool"),
     path("c/<uuid:code>/tools/<uuid:step>/files/<int:index>/", views.tool_file, name="tool_file"),
+    # Search, export and import (chat.views_transfer).
+    path("search/", views_transfer.search, name="search"),
+    path("c/<uuid:code>/export/<str:kind>/", views_transfer.conversation_export, name="export"),
+    path("export/", views_transfer.export_all, name="export_all"),
+    path("import/", views_transfer.transfer_page, name="transfer"),
 ]
 
 auth_urlpatterns = [

@@ -7,9 +7,10 @@ limit gets a 413 before a byte is read, and a body that grows past the limit whi
 a 413 at that point, while Django is told the client went away (it then drops what it had).
 
 Limits (configs/server.yaml): anonymous requests get `limits.anonymous_body_bytes`, signed-in
-ones (a session, or a valid API key) `limits.body_bytes`, and staff on the GGUF upload route
-`library.max_upload_bytes` (plus room for the multipart envelope). Who is signed in is only
-looked up when a body is bigger than the anonymous limit, so ordinary requests cost nothing.
+ones (a session, or a valid API key) `limits.body_bytes`, staff on the GGUF upload route
+`library.max_upload_bytes` and signed-in users on the conversations import route
+`chat.transfer.MAX_IMPORT_BYTES` (each plus room for the multipart envelope). Who is signed in is
+only looked up when a body is bigger than the anonymous limit, so ordinary requests cost nothing.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def _upload_path() -> str:
     return reverse("models_admin:import_gguf")
 
 
+def _import_path() -> str:
+    return reverse("chat:transfer")
+
+
 def _api_key_is_valid(authorization: bytes) -> bool:
     """Whether an `Authorization: Bearer` header carries a live API key (inference.api)."""
     from inference.api.services import api_key_authenticate
@@ -110,6 +115,11 @@ async def _limit_for(scope: Scope) -> int:
         return int(limits.anonymous_body_bytes)
     if user.is_staff and scope.get("path") == _upload_path():
         return int(settings.MLXWEB_MAX_UPLOAD_BYTES) + MULTIPART_ALLOWANCE
+    if scope.get("path") == _import_path():
+        # A conversations import (chat.transfer): the file's own limit, for any signed-in user.
+        from chat.transfer import MAX_IMPORT_BYTES
+
+        return max(int(limits.body_bytes), MAX_IMPORT_BYTES + MULTIPART_ALLOWANCE)
     return int(limits.body_bytes)
 
 
