@@ -357,6 +357,9 @@ def test_a_failure_half_way_imports_nothing(
 def test_views_export_import_and_guard_owners(
     owner: User, owner_client: Client, stranger_client: Client, branched: Conversation
 ) -> None:
+    page = owner_client.get(reverse("chat:detail", args=[branched.code])).content.decode()
+    assert f'href="{reverse("chat:export", args=[branched.code, "md"])}"' in page
+    assert f'href="{reverse("chat:export", args=[branched.code, "json"])}"' in page
     md = owner_client.get(reverse("chat:export", args=[branched.code, "md"]))
     assert md.status_code == 200 and md["Content-Type"].startswith("text/markdown")
     assert "attachment;" in md["Content-Disposition"]
@@ -406,3 +409,23 @@ def test_import_needs_csrf_and_a_sign_in(owner: User, client: Client, models_roo
     assert response.status_code == 302 and response["Location"].startswith("/login/")
     assert client.get(reverse("chat:export_all")).status_code == 302
     assert Conversation.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_the_import_route_takes_files_past_the_ordinary_body_limit(
+    owner: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's body limit (2 MiB signed in) would refuse an export before Django reads it;
+    the import route gets the import's own limit (plus the multipart envelope), no more."""
+    from tests.security.test_body_limits import _cookie, _send_body
+
+    monkeypatch.setattr(transfer, "MAX_IMPORT_BYTES", 4 * 1024**2)
+    cookie = _cookie(owner)
+    multipart = b"multipart/form-data; boundary=xyz"
+    url = reverse("chat:transfer")
+    under = _send_body(url, size=3 * 1024**2, declare=True, cookie=cookie, content_type=multipart)
+    assert under.status != 413 and under.consumed == 3 * 1024**2
+    over = _send_body(url, size=6 * 1024**2, declare=True, cookie=cookie, content_type=multipart)
+    assert over.status == 413 and over.consumed == 0
+    elsewhere = _send_body(reverse("chat:search"), size=3 * 1024**2, declare=True, cookie=cookie)
+    assert elsewhere.status == 413
