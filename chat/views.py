@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from django.conf import settings
@@ -28,9 +28,10 @@ from django_htmx.middleware import HtmxDetails
 from pydantic import ValidationError
 
 from chat import frames, services
+from chat.branches import branch_action
 from chat.forms import RenameForm, SignupForm
 from chat.models import Conversation, ToolStep
-from chat.schemas import SendMessage, describe_error, parse_message
+from chat.schemas import BranchAction, SendMessage, describe_error, parse_message
 from inference import services as inference
 from inference.catalogue import UnknownModel
 
@@ -48,6 +49,10 @@ def _get_conversation_for_user(request: SignedInRequest, code: UUID) -> Conversa
 
 
 def _page_context(request: SignedInRequest, conversation: Conversation | None) -> dict[str, Any]:
+    # Titles that finished while no tab of their conversation was open.
+    services.titles_apply_pending(user=request.user)
+    if conversation is not None:
+        conversation.refresh_from_db(fields=["title", "leaf"])
     conversations = Conversation.objects.filter(user=request.user)
     chat_messages = (
         services.conversation_path(conversation) if conversation is not None else []
@@ -72,14 +77,29 @@ def index(request: SignedInRequest) -> HttpResponse:
 @require_GET
 @login_required
 def conversation_detail(request: SignedInRequest, code: UUID) -> HttpResponse:
+    """The conversation; `?m=<message code>` (a search hit's link) shows the branch that holds
+    that message and marks it to scroll to."""
     conversation = _get_conversation_for_user(request, code)
-    return render(request, "chat/conversation.html", _page_context(request, conversation))
+    scroll_to = None
+    if "m" in request.GET:
+        try:
+            # The branch shown is the conversation's, so the next turn goes where it is seen.
+            services.branch_switch(conversation=conversation, message_code=request.GET["m"])
+            scroll_to = UUID(request.GET["m"])
+        except services.ChatError as e:
+            messages.error(request, str(e))
+    context = _page_context(request, conversation)
+    context["scroll_to"] = scroll_to
+    inference.generation_warm(replies=[m.generation for m in context["chat_messages"]])
+    return render(request, "chat/conversation.html", context)
 
 
 def _send(request: SignedInRequest, conversation: Conversation) -> bool:
     """Send the posted composer, the same fields and checks as over the websocket."""
     try:
-        message = parse_message({**request.POST.dict(), "type": "send"})
+        # "preset" is the new chat's, already applied (chat.views_presets.new_chat_settings).
+        fields = {k: v for k, v in request.POST.dict().items() if k != "preset"}
+        message = parse_message({**fields, "type": "send"})
         assert isinstance(message, SendMessage)
         services.message_send(
             conversation=conversation,
@@ -110,6 +130,11 @@ def conversation_create(request: SignedInRequest) -> HttpResponse:
     except UnknownModel:
         messages.error(request, f"Unknown model {model!r}.")
         return redirect("chat:index")
+    # The composer's preset and options stick to the new conversation. (chat.views_presets
+    # imports this module, hence the import here.)
+    from chat import views_presets
+
+    views_presets.new_chat_settings(request, conversation)
     if request.POST.get("text", "").strip():
         _send(request, conversation)
     return redirect("chat:detail", code=conversation.code)
@@ -259,3 +284,66 @@ def login(request: HttpRequest) -> HttpResponseBase:
     return auth_views.LoginView.as_view(
         extra_context={"allow_signup": settings.MLXWEB_ALLOW_SIGNUP}
     )(request)
+
+
+def _branch_post(request: SignedInRequest, code: UUID, fields: dict[str, str]) -> HttpResponse:
+    """A branch action's form without the socket: the same schema and service as over it,
+    then the conversation (or the fork) is shown; a bad value is a message on the page."""
+    conversation = _get_conversation_for_user(request, code)
+    values: dict[str, Any] = {**request.POST.dict(), **fields}
+    try:
+        action = cast("BranchAction", parse_message(values))  # `fields` name the type
+        outcome = branch_action(conversation=conversation, action=action)
+    except ValidationError as e:
+        messages.error(request, f"Invalid request: {describe_error(e)}")
+    except services.ChatError as e:
+        messages.error(request, str(e))
+    except UnknownModel:
+        messages.error(request, f"Unknown model {request.POST.get('model')!r}.")
+    else:
+        if outcome.location:
+            return redirect(outcome.location)
+    return redirect("chat:detail", code=conversation.code)
+
+
+@require_POST
+@login_required
+def message_regenerate(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "regenerate", "message": str(message)})
+
+
+@require_POST
+@login_required
+def message_continue(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "continue", "message": str(message)})
+
+
+@require_POST
+@login_required
+def branch_switch(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "switch", "message": str(message)})
+
+
+@require_POST
+@login_required
+def message_edit(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "edit", "message": str(message)})
+
+
+@require_POST
+@login_required
+def message_delete(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    """The form is inside a disclosure that asks first; without it nothing is sent."""
+    return _branch_post(request, code, {"type": "delete", "message": str(message)})
+
+
+@require_POST
+@login_required
+def conversation_fork(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "fork", "message": str(message)})
+
+
+@require_POST
+@login_required
+def conversation_pin(request: SignedInRequest, code: UUID) -> HttpResponse:
+    return _branch_post(request, code, {"type": "pin"})

@@ -55,6 +55,11 @@ class ModelSpec:
     task: Literal["generate", "embed"] = "generate"
     # Seconds to keep it loaded after its last request (-1: for good); None: the server's.
     keep_alive: float | None = None
+    # The KV caches (inference.kvcache): quantized bits and group, rotating size; None: the
+    # server's.
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
+    max_kv_size: int | None = None
     # A LoRA adapter: its folder, and the id of the base model it loads on top of (whose
     # source the fields above copy). `problem` says why it cannot load (e.g. no such base).
     adapter_path: Path | None = None
@@ -176,6 +181,9 @@ def _spec_from_config(model: ModelConfig, models_dir: Path) -> ModelSpec:
         "sampling": model.sampling.model_dump(exclude_none=True),
         "task": model.task,
         "keep_alive": model.keep_alive,
+        "kv_bits": model.kv_bits,
+        "kv_group_size": model.kv_group_size,
+        "max_kv_size": model.max_kv_size,
     }
     if source.kind == "gguf":
         assert source.gguf is not None

@@ -168,3 +168,50 @@ class ModelConfig(StrictSchema):
         description="unload the model this long after its last request (seconds, or 30s, 5m, "
         "1h; 0: right after it; -1: never); left out: the server's keep_alive",
     )
+    draft_model: ModelId | None = Field(
+        None,
+        description="a model id (same tokenizer) that drafts tokens for speculative decoding "
+        "when this model decodes one stream alone and the server's enable_speculative is on",
+    )
+    num_draft_tokens: int = Field(
+        3, ge=1, le=16, description="tokens the draft model proposes per step"
+    )
+
+    @model_validator(mode="after")
+    def _draft_is_another_model(self) -> ModelConfig:
+        if self.draft_model is not None:
+            if self.draft_model == self.id:
+                raise ValueError("draft_model must be another model than the model itself")
+            if self.task != "generate":
+                raise ValueError("draft_model is only for models that generate text")
+        return self
+
+    # The KV caches (inference.kvcache); left out: server.yaml's prompt_cache settings.
+    kv_bits: Literal[4, 8] | None = Field(
+        None, description="quantize the KV caches kept between turns to this many bits"
+    )
+    kv_group_size: Literal[32, 64, 128] | None = None
+    max_kv_size: int | None = Field(
+        None, ge=64, le=1_048_576, description="a rotating KV cache of this many tokens"
+    )
+
+    @model_validator(mode="after")
+    def _kv_bits_or_rotating(self) -> ModelConfig:
+        if self.kv_bits is not None and self.max_kv_size is not None:
+            raise ValueError(
+                "kv_bits and max_kv_size cannot both be set (a rotating cache cannot be quantized)"
+            )
+        return self
+
+
+class SchedulerSettings(StrictSchema):
+    """How the engine schedules prefill and decode (server.yaml `scheduler:`)."""
+
+    # The gap between two tokens that running streams should not see exceeded while a prompt
+    # prefills: the prompt goes through the model in chunks sized (from measured step times)
+    # to fit what a decode step leaves of it.
+    target_latency_ms: float = Field(150.0, ge=5, le=60_000)
+    # The most tokens one step puts through the model: the decode rows plus the chunk.
+    max_batch_tokens: int = Field(2048, ge=16, le=1_048_576)
+    # Decode with a model's draft_model (configs/models/<id>.yaml) when it serves one stream.
+    enable_speculative: bool = True

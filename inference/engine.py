@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inference.catalogue import Catalogue, ModelSpec, UnknownModel
+from inference.kvcache import KVCacheSettings
 from inference.parsing import OutputFormat
 from inference.schemas import GenerationParams
 
@@ -43,10 +44,11 @@ if TYPE_CHECKING:
     import mlx.core as mx
     import numpy as np
     from mlx_lm.generate import BatchGenerator
-    from mlx_lm.models.cache import LRUPromptCache
 
     from inference.embeddings import SentenceEmbedder
+    from inference.kvcache import PromptCacheStore
     from inference.loader import LoadedModel
+    from inference.memory import LoadPlan, ModelMemory
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,19 @@ logger = logging.getLogger(__name__)
 MIN_PROMPT_SHARE = 4
 # Enough distinct unseeded samplers for every mix of settings people really use.
 MAX_SHARED_SAMPLERS = 256
+# Scheduling order of GenerationRequest.priority: lower goes first.
+PRIORITY_RANK = {"interactive": 0, "batch": 1}
+# However long the decode step took, a prefill chunk may take at least this share of
+# target_latency_ms, so a prompt always makes progress.
+MIN_PREFILL_SHARE = 0.25
+# A prompt's first chunk, before the model's prefill speed is measured: tokens per second
+# of budget (16 tokens in a 100 ms budget).
+INITIAL_CHUNK_RATE = 160.0
+# A draft model catches up on a cached prompt prefix at most this many tokens per step.
+DRAFT_CATCH_UP = 256
+# Every this many speculative steps, one step runs without the draft to measure the plain
+# decode speed the speed-up is reported against.
+SPEC_BASELINE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,16 @@ class GenerationRequest:
     params: GenerationParams
     # A raw prompt (completions): tokenized as it is, without the chat template.
     prompt_text: str | None = None
+    # The reply so far, to continue (issue 9): it goes after the template's generation prompt
+    # with no end of turn, and the engine writes what follows it (deltas carry only new text).
+    assistant_prefix: str = ""
+    # The prefix's own token ids when known (the reply's token trace): the prompt takes them
+    # instead of tokenizing the text, so the reply goes on exactly where it was, even where the
+    # model wrote a word in pieces its tokenizer would not have chosen.
+    assistant_prefix_tokens: tuple[int, ...] = ()
+    # "interactive" (a person waits) or "batch" (titles, validation, library work): the
+    # scheduler admits and prefills interactive requests first.
+    priority: str = "interactive"
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,9 @@ class Started:
     trimmed_messages: int
     # How the model marks reasoning and tool calls, for inference.parsing.
     output: OutputFormat = field(default_factory=OutputFormat)
+    # What the reply came from (inference.provenance.model_provenance): model, weights,
+    # quantization, chat template, library versions. The same dict for every request of a slot.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,13 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    # How the reply was computed (for Generation.details): the decode path ("solo", "batch"
+    # or both, in the order taken), the prefill chunks, and speculative decoding's drafted and
+    # accepted tokens, acceptance rate and measured speed-up when a draft model was used.
+    details: dict[str, Any] = field(default_factory=dict)
+    # Where the request's KV prefix came from: "memory", "disk" (loaded for it), "warm"
+    # (restored when its conversation was opened) or "none".
+    prompt_cache: str = "none"
 
 
 EngineEvent = Started | Delta | Finished
@@ -162,6 +197,16 @@ class _Load:
 
 class _Stop:
     pass
+
+
+@dataclass
+class _Warm:
+    """Restore a conversation's KV cache from disk before its next turn (inference.kvcache)."""
+
+    model_id: str
+    messages: tuple[dict[str, Any], ...]
+    done: threading.Event = field(default_factory=threading.Event)
+    covered: int = 0  # tokens of the conversation the restored cache covers
 
 
 @dataclass
@@ -218,15 +263,32 @@ class _Slot:
     model_id: str
     loaded: LoadedModel
     generator: BatchGenerator
-    prompt_cache: LRUPromptCache | None
+    prompt_cache: PromptCacheStore | None
     stop_tokens: Any  # mlx_lm StopSequences over the EOS ids
     output: OutputFormat = field(default_factory=OutputFormat)
+    # Every request of this model, by uid: negative while outside the generator (prefilling
+    # or decoding solo), the generator's uid once in its batch.
     active: dict[int, _Active] = field(default_factory=dict)
+    eos_ids: frozenset[int] = frozenset()
+    # The scheduler (see Engine._step): prompts prefilling in chunks, and the one stream that
+    # decodes on its own while nothing else does.
+    prefilling: list[_Active] = field(default_factory=list)
+    solo: _Active | None = None
+    # Speculative decoding: the draft model (same tokenizer) and how many tokens it proposes.
+    draft: LoadedModel | None = None
+    draft_id: str = ""
+    num_draft_tokens: int = 0
+    # Measured: a first chunk's tokens per second of budget; seconds per token of a plain
+    # one-stream step (what speculative decoding is compared with).
+    chunk_rate: float = INITIAL_CHUNK_RATE
+    solo_token_s: float = 0.0
     # Built on first use: llguidance's tokenizer, each token's text and bytes for logprobs,
     # whether the chat template renders tools itself.
     constraint_tokenizer: Any = None
     token_pieces: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     template_tools: bool | None = None
+    # inference.provenance.model_provenance of this model, computed on its first request.
+    provenance: dict[str, Any] | None = None
 
 
 @dataclass(eq=False)
@@ -248,6 +310,57 @@ class _Active:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     finished: bool = False
+    # Scheduling: "prefill" (its own cache, in slot.prefilling), "solo" (slot.solo), "batch"
+    # (in the generator). `seq` holds the cache outside the generator.
+    phase: str = "prefill"
+    seq: _Seq | None = None
+    paths: list[str] = field(default_factory=list)
+    batch_tokens: int = 0  # tokens the generator gave since it took the request
+    plain: bool = False  # no logits processors, no seed: may move from the batch to solo
+    prefill_chunks: int = 0
+    spec_steps: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_tokens: int = 0
+    spec_s: float = 0.0
+    cache_source: str = "none"  # Finished.prompt_cache: where its KV prefix came from
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A request's own KV cache while it is outside the batch generator.
+
+    While its prompt prefills (a chunk at a time between decode steps), `rest` holds the prompt
+    tokens still to go through the model. Once the last chunk gave the first token, the request
+    is in one of two states: `next` None and `rest == [t]`, where t is emitted but not yet in
+    the cache (how it joins the batch: the generator feeds t), or `next` set: the token sampled
+    after `fed`, not yet emitted (the solo path computes one token ahead, as mlx-lm's
+    generate_step does).
+    """
+
+    cache: list[Any]
+    fed: list[int]  # the tokens in `cache`
+    rest: list[int]
+    sampler: Any
+    processors: list[Any]
+    max_tokens: int
+    chunk: float  # prompt tokens per second of step budget, measured on its last chunk
+    prefilled: bool = False
+    next: Any = None  # mx.array of shape (1,)
+    next_logprobs: Any = None
+    draft_cache: list[Any] | None = None
+    draft_lag: list[int] = field(default_factory=list)  # in `cache`, not yet in the draft's
+
+
+@dataclass(frozen=True)
+class _Response:
+    """One token decoded outside the generator, shaped like the generator's responses."""
+
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+    prompt_cache: Any = None
+    all_tokens: list[int] | None = None
 
 
 class Engine:
@@ -268,6 +381,12 @@ class Engine:
         prefill_step_size: int = 2048,
         cpu_float32_max_bytes: int = 0,
         keep_alive: float | None = None,
+        kv_cache: KVCacheSettings | None = None,
+        memory_budget_bytes: int | None = None,
+        memory_table: Path | None = None,
+        max_batch_tokens: int = 2048,
+        target_latency_ms: float = 150.0,
+        enable_speculative: bool = True,
     ) -> None:
         self.catalogue = catalogue
         self.converted_dir = Path(converted_dir)
@@ -276,12 +395,39 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.prompt_cache_entries = prompt_cache_entries
         self.prompt_cache_bytes = prompt_cache_bytes
+        # KV caches kept between requests: compact, maybe quantized, persisted to disk
+        # (inference.kvcache); the entry and byte bounds are the two arguments above.
+        from inference.kvcache import disk_store
+
+        self.kv_cache = replace(
+            kv_cache or KVCacheSettings(),
+            max_entries=prompt_cache_entries,
+            max_bytes=prompt_cache_bytes // max(1, max_loaded_models),
+        )
+        self._kv_disk = disk_store(self.kv_cache) if self.kv_cache.enabled else None
         self.prefill_batch_size = prefill_batch_size
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
         self.cpu_float32_max_bytes = cpu_float32_max_bytes
+        # The scheduler: at most this many tokens go through the model in one step (decode
+        # rows plus prefill chunk); a step with a prefill chunk aims to take no longer than
+        # target_latency_ms, the gap the running streams see between two tokens.
+        self.max_batch_tokens = max(1, max_batch_tokens)
+        self.target_latency_s = max(0.001, target_latency_ms / 1000.0)
+        # Use a model's draft_model (configs/models/) when one stream decodes alone.
+        self.enable_speculative = enable_speculative
+        self._uids = 0  # engine-side uids of requests outside a generator: -1, -2, ...
         # Seconds an idle model stays loaded when its config says nothing (None: for good).
         self.keep_alive = _keep_alive_or_none(keep_alive)
+        # One budget for the models, their KV caches and (through `memory_table`, shared by the
+        # machine's processes) library jobs: inference.memory. None: a share of the device.
+        from inference.memory import EngineMemory, ReservationTable, budget_bytes
+
+        self.memory = EngineMemory(
+            budget=budget_bytes(memory_budget_bytes),
+            table=ReservationTable(memory_table) if memory_table is not None else None,
+        )
+        self._memory_checked_at = 0.0  # monotonic time the engine thread last published
 
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Guards _state and every put on the inbox, so that once the thread has drained the
@@ -368,6 +514,14 @@ class Engine:
         it are running)."""
         return [dict(info) for info in self._loaded_info]
 
+    def memory_status(self) -> dict[str, Any]:
+        """The memory budget and its use (any thread; as of the engine thread's last look, at
+        most about a second old): {"budget_bytes", "used_bytes", "free_bytes", "models":
+        [{"model_id", "weights_bytes", "kv_bytes", "bytes"}], "jobs": [{"what", "bytes"}],
+        "other_bytes", "waiting_jobs"}. used_bytes is the models' bytes plus the jobs' plus
+        what other engines on this machine hold (other_bytes)."""
+        return self.memory.status()
+
     def unload_after(self, model_id: str, seconds: float | None) -> float | None:
         """Ollama's keep_alive: unload `model_id` once it has been idle for `seconds` (0: as
         soon as no request for it runs; None or negative: keep it loaded), counted from now or
@@ -406,6 +560,24 @@ class Engine:
                 return
             state = self._state
         _safe_reply(reply, EmbeddingResult([], 0, error=f"engine is {state}", kind="error"))
+
+    def warm(
+        self, model_id: str, messages: list[dict[str, Any]], *, wait: float | None = None
+    ) -> int:
+        """Get ready for the next turn of a conversation being opened: load its model if no
+        other has to go for it, and restore from disk the KV cache that covers most of
+        `messages` (the conversation so far, its last reply included) unless memory holds as
+        much. Runs on the engine thread between steps; returns at once unless `wait` (seconds)
+        is given, then the number of tokens the restored cache covers (0: none restored)."""
+        command = _Warm(model_id, tuple(messages))
+        with self._lock:
+            if self._state != "running":
+                return 0
+            self._inbox.put(command)
+        if wait is None:
+            return 0
+        command.done.wait(wait)
+        return command.covered
 
     def embed_wait(
         self, model_id: str, texts: list[str], timeout: float = 120.0
@@ -475,6 +647,8 @@ class Engine:
                 self._on_embed(command)
             elif isinstance(command, _UnloadAfter):
                 self._on_unload_after(command)
+            elif isinstance(command, _Warm):
+                self._on_warm(command)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
@@ -523,14 +697,39 @@ class Engine:
                 self.catalogue.get(command.model_id).task == "embed"
             ):
                 self._embedder_for(command.model_id)
-            elif not self._can_load():
+            elif not self._can_load(self.catalogue.get(command.model_id)):
                 raise RuntimeError(
-                    f"cannot load {command.model_id!r}: every loaded model is serving requests"
+                    f"cannot load {command.model_id!r} now: the loaded models are serving "
+                    "requests, or library jobs hold the memory it needs"
                 )
             else:
                 self._load_slot(self.catalogue.get(command.model_id))
         except Exception as e:
             command.error = e
+        finally:
+            command.done.set()
+
+    def _on_warm(self, command: _Warm) -> None:
+        try:
+            slot = self._slots.get(command.model_id)
+            if slot is None and len(self._slots) < self.max_loaded_models:
+                spec = self.catalogue.get(command.model_id)
+                if spec.task == "generate":
+                    slot = self._load_slot(spec)
+            if slot is None or slot.prompt_cache is None or not command.messages:
+                return
+            tokenizer = slot.loaded.tokenizer
+            messages = _template_messages(
+                list(command.messages),
+                tools=[],
+                native_tools=bool(slot.template_tools),
+                developer=_template_knows(tokenizer, "developer"),
+            )
+            command.covered = slot.prompt_cache.warm(_template(tokenizer, messages))
+            if command.covered:
+                logger.info("model %s: warmed %d tokens", command.model_id, command.covered)
+        except Exception:
+            logger.exception("model %s: warming a conversation failed", command.model_id)
         finally:
             command.done.set()
 
@@ -610,12 +809,19 @@ class Engine:
                     self._unload(model_id)
                 else:
                     self._unload_embedder(model_id)
+        self._memory_tick()
 
     def _next_expiry_in(self) -> float | None:
-        """Seconds until the next idle model is due to unload; None when none is."""
+        """Seconds until the next idle model is due to unload; None when none is. While models
+        are loaded or requests wait, at most ENGINE_REFRESH_S: the memory budget is looked at
+        that often (a library job may be waiting for an idle model's memory)."""
+        from inference.memory import ENGINE_REFRESH_S
+
+        watch = ENGINE_REFRESH_S if self._pending or self._slots else None
         if not self._deadlines:
-            return None
-        return max(0.0, min(self._deadlines.values()) - time.monotonic())
+            return watch
+        due = max(0.0, min(self._deadlines.values()) - time.monotonic())
+        return due if watch is None else min(due, watch)
 
     def _forget_keep_alive(self, model_id: str) -> None:
         self._ttl.pop(model_id, None)
@@ -623,30 +829,141 @@ class Engine:
 
     # ------------------------------------------------------------------ models
 
-    def _can_load(self) -> bool:
-        return len(self._slots) < self.max_loaded_models or any(
-            not slot.active for slot in self._slots.values()
+    def _can_load(self, spec: ModelSpec | None = None) -> bool:
+        """Whether `spec` can load now, unloading idle models as needed (see `_memory_plan`);
+        False: wait until running requests or library jobs give memory back. A model that
+        could never fit may "load": `_load_slot` then fails it with the reason."""
+        from inference.memory import NotEnoughMemory
+
+        if spec is None:
+            return len(self._slots) < self.max_loaded_models or any(
+                not slot.active for slot in self._slots.values()
+            )
+        try:
+            return not self._memory_plan(spec).wait
+        except NotEnoughMemory:
+            return True
+
+    def _pending_spec(self, pending: _Pending) -> ModelSpec | None:
+        if pending.spec is not None:
+            return pending.spec
+        try:
+            return self.catalogue.get(pending.submit.request.model_id)
+        except UnknownModel:
+            return None
+
+    def _memory_models(self) -> list[ModelMemory]:
+        """What each loaded model takes: its weights, and its KV caches (prompt cache and the
+        running batch's)."""
+        from inference.memory import ModelMemory, cache_bytes
+
+        models = []
+        for info in self._loaded_info:
+            slot = self._slots.get(info["model_id"])
+            kv = cache_bytes(slot.prompt_cache, slot.generator) if slot is not None else 0
+            models.append(ModelMemory(info["model_id"], int(info["bytes"]), kv))
+        return models
+
+    def _memory_plan(self, spec: ModelSpec) -> LoadPlan:
+        """The idle models (least recently used first) to unload so that `spec` fits both the
+        memory budget and `max_loaded_models`, or wait. NotEnoughMemory if it never fits."""
+        from inference.loader import weights_bytes
+        from inference.memory import LoadPlan
+
+        idle = [mid for mid, slot in self._slots.items() if not slot.active]
+        need = self.memory.estimate(spec.id, weights_bytes(spec, self.converted_dir))
+        plan = self.memory.plan_load(
+            model_id=spec.id, need=need, models=self._memory_models(), idle_lru=idle
         )
+        over_cap = len(self._slots) - len(plan.evict) - (self.max_loaded_models - 1)
+        if not plan.wait and over_cap > 0:
+            more = [mid for mid in idle if mid not in plan.evict][:over_cap]
+            if len(more) < over_cap:
+                return LoadPlan(wait=True)
+            plan.evict.extend(more)
+        return plan
+
+    def _publish_memory(self) -> None:
+        self._memory_checked_at = time.monotonic()
+        self.memory.publish(self._memory_models())
+
+    def _memory_tick(self) -> None:
+        """About once a second: keep the KV caches within the budget (trimming the prompt
+        caches, least recently used model first), unload idle models that a waiting library
+        job needs the room of, and publish what is used."""
+        from inference.memory import ENGINE_REFRESH_S
+
+        if time.monotonic() - self._memory_checked_at < ENGINE_REFRESH_S:
+            return
+        over = -self.memory.room(self._memory_models())
+        for slot in self._slots.values():
+            cache = slot.prompt_cache
+            if over <= 0 or cache is None or not hasattr(cache, "trim_to"):
+                continue
+            before = int(cache.nbytes)
+            cache.trim_to(n_bytes=max(0, before - over))
+            over -= before - int(cache.nbytes)
+            logger.info("model %s: prompt cache trimmed to fit the memory budget", slot.model_id)
+        idle = [mid for mid in self._slots if not self._in_use(mid)]
+        for model_id in self.memory.idle_to_unload_for_jobs(self._memory_models(), idle):
+            logger.info("model %s: unloaded to make room for a library job", model_id)
+            self._unload(model_id)
+        self._publish_memory()
 
     def _load_slot(self, spec: ModelSpec) -> _Slot:
         from mlx_lm.generate import StopSequences
-        from mlx_lm.models.cache import LRUPromptCache
 
         from inference import metrics
-        from inference.loader import load_model, use_float32_on_cpu
+        from inference.loader import load_model, use_float32_on_cpu, weights_bytes
+        from inference.memory import NotEnoughMemory, gib
 
-        while len(self._slots) >= self.max_loaded_models:
-            idle = next(mid for mid, slot in self._slots.items() if not slot.active)
+        plan = self._memory_plan(spec)
+        if plan.wait:
+            raise NotEnoughMemory(
+                f"model {spec.id!r} does not fit the memory budget now: the loaded models are "
+                "serving requests, or library jobs hold the memory"
+            )
+        for idle in plan.evict:
+            logger.info("model %s: unloaded to make room for %s", idle, spec.id)
             self._unload(idle)
         began = time.perf_counter()
         loaded = load_model(spec, self.converted_dir)
-        use_float32_on_cpu(loaded, self.cpu_float32_max_bytes)
+        # Served in float32 on the CPU only if that fits the budget too.
+        room = self.memory.room(self._memory_models())
+        use_float32_on_cpu(loaded, max(0, min(self.cpu_float32_max_bytes, room)))
+        actual = _model_bytes(loaded.model)
+        self.memory.remember(spec.id, weights_bytes(spec, self.converted_dir), actual)
+        if actual > room:
+            # Bigger than its files said: unload more idle models if that makes it fit.
+            sizes = {m.model_id: m.weights_bytes + m.kv_bytes for m in self._memory_models()}
+            for idle in [mid for mid, slot in self._slots.items() if not slot.active]:
+                if actual <= room:
+                    break
+                room += sizes.get(idle, 0)
+                self._unload(idle)
+            if actual > self.memory.budget:
+                del loaded
+                gc.collect()
+                raise NotEnoughMemory(
+                    f"model {spec.id!r} takes {gib(actual)} loaded, more than the whole "
+                    f"memory budget ({gib(self.memory.budget)}; memory_budget_bytes in "
+                    "server.yaml)"
+                )
+            if actual > room:
+                logger.warning(
+                    "model %s takes %s, %s over the memory budget while the others serve",
+                    spec.id,
+                    gib(actual),
+                    gib(actual - room),
+                )
         metrics.model_loaded(spec.id, time.perf_counter() - began)
         prompt_cache = None
-        if self.prompt_cache_entries > 0 and self.prompt_cache_bytes > 0:
-            prompt_cache = LRUPromptCache(
-                max_size=self.prompt_cache_entries,
-                max_bytes=self.prompt_cache_bytes // self.max_loaded_models,
+        if self.kv_cache.enabled:
+            from inference.kvcache import PromptCacheStore, model_cache_key
+
+            settings = self.kv_cache.for_model(spec)
+            prompt_cache = PromptCacheStore(
+                model_cache_key(loaded, settings), settings, self._kv_disk
             )
         eos = sorted(loaded.tokenizer.eos_token_ids)
         slot = _Slot(
@@ -656,18 +973,25 @@ class Engine:
             prompt_cache=prompt_cache,
             stop_tokens=StopSequences([(t,) for t in eos]),
             output=OutputFormat.for_tokenizer(loaded.tokenizer),
+            eos_ids=frozenset(eos),
         )
+        self._load_draft(slot, spec)
+        if slot.draft is not None:
+            actual += _model_bytes(slot.draft.model)
         self._slots[spec.id] = slot
         self._ttl.setdefault(spec.id, self._default_keep_alive(spec))
         self._loaded_info = (
             *self._loaded_info,
             {
                 "model_id": spec.id,
-                "bytes": _model_bytes(loaded.model),
+                "bytes": actual,
                 "loaded_at": time.time(),
                 "expires_at": None,
+                # A LoRA adapter's base model (inference.catalogue), else None.
+                "base_model": spec.base_id,
             },
         )
+        self._publish_memory()
         return slot
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
@@ -688,10 +1012,16 @@ class Engine:
         slot = self._slots.pop(model_id)
         self._forget_keep_alive(model_id)
         self._loaded_info = tuple(i for i in self._loaded_info if i["model_id"] != model_id)
+        if slot.prompt_cache is not None:
+            try:
+                slot.prompt_cache.persist_all()
+            except Exception:
+                logger.exception("model %s: could not persist its KV caches", model_id)
         slot.generator.close()
         del slot
         gc.collect()
         mx.clear_cache()
+        self._publish_memory()
         logger.info("unloaded model %s", model_id)
 
     # ------------------------------------------------------------------ admission
@@ -703,7 +1033,7 @@ class Engine:
             pending = self._pending[0]
             request = pending.submit.request
             slot = self._slots.get(request.model_id)
-            if slot is None and not self._can_load():
+            if slot is None and not self._can_load(self._pending_spec(pending)):
                 return
             self._pending.popleft()
             if slot is None:
@@ -726,17 +1056,16 @@ class Engine:
         try:
             prompt, trimmed, max_tokens = self._prompt(slot, request)
             processors = self._processors(slot, params)
-            cache, rest = self._cached_prefix(slot, prompt)
+            cache, rest, cache_source = self._cached_prefix(slot, prompt)
             cached = len(prompt) - len(rest)
-            (uid,) = slot.generator.insert(
-                [rest],
-                max_tokens=[max_tokens],
-                caches=[cache],
-                all_tokens=[prompt[:cached]],
-                samplers=[self._sampler(params, len(slot.loaded.tokenizer))],
-                logits_processors=[processors],
-                stop_sequences=[slot.stop_tokens],
-            )
+            # The prompt prefills in chunks on its own cache between decode steps (_step);
+            # it joins the batch, or decodes alone, once its first token is out.
+            sampler = self._sampler(params, len(slot.loaded.tokenizer))
+            seq = self._new_seq(slot, params, prompt, cached, cache, sampler, processors)
+            seq.max_tokens = max_tokens
+            plain = not processors and params.seed is None
+            self._uids -= 1
+            uid = self._uids
         except _PromptTooLong as e:
             logger.info("request %s: %s", request.id, e)
             _safe_emit(submit.emit, Finished(request.id, "error", e.prompt_tokens, 0, str(e)))
@@ -747,7 +1076,7 @@ class Engine:
             return
 
         detokenizer = slot.loaded.tokenizer.detokenizer
-        if request.prompt_text is not None:
+        if request.prompt_text is not None or request.assistant_prefix:
             _keep_leading_space(detokenizer)
         active = _Active(
             request=request,
@@ -759,8 +1088,12 @@ class Engine:
             prompt_tokens=len(prompt),
             started_at=time.perf_counter(),
             top_logprobs=params.top_logprobs if params.logprobs else -1,
+            cache_source=cache_source,
+            seq=seq,
+            plain=plain,
         )
         slot.active[uid] = active
+        slot.prefilling.append(active)
         self._by_id[request.id] = active
         logger.info(
             "request %s: model=%s prompt=%d cached=%d trimmed=%d max_tokens=%d",
@@ -772,10 +1105,16 @@ class Engine:
             max_tokens,
         )
         output = slot.output
-        if output.think_start and _opens_reasoning(slot, prompt):
+        if output.think_start and _opens_reasoning(slot, prompt, request.assistant_prefix):
             output = replace(output, starts_in_reasoning=True)
+        if slot.provenance is None:
+            from inference.provenance import model_provenance
+
+            slot.provenance = model_provenance(slot.loaded, self.converted_dir)
         try:
-            active.emit(Started(request.id, len(prompt), cached, trimmed, output))
+            active.emit(
+                Started(request.id, len(prompt), cached, trimmed, output, slot.provenance)
+            )
         except Exception as e:
             logger.exception("request %s: event handler failed", request.id)
             self._finish(active, "error", error=f"event handler failed: {_describe(e)}")
@@ -797,6 +1136,11 @@ class Engine:
                 raise ValueError("the prompt is empty")
             return prompt, 0, max(1, min(wanted, context - len(prompt)))
         params = request.params
+        if request.assistant_prefix_tokens and (
+            max(request.assistant_prefix_tokens) >= _vocab_size(slot.loaded)
+            or min(request.assistant_prefix_tokens) < 0
+        ):
+            raise ValueError("assistant_prefix_tokens: a token id is not in the vocabulary")
         tools = [t.as_template_tool() for t in params.tools] if params.uses_tools else []
         if tools and slot.template_tools is None:
             slot.template_tools = _template_renders_tools(tokenizer)
@@ -810,7 +1154,13 @@ class Engine:
         turns = messages[len(system) :]
         trimmed = 0
         while True:
-            prompt = _template(tokenizer, system + turns, tools if slot.template_tools else None)
+            prompt = _template(
+                tokenizer,
+                system + turns,
+                tools if slot.template_tools else None,
+                assistant_prefix=request.assistant_prefix,
+                assistant_prefix_tokens=request.assistant_prefix_tokens,
+            )
             if len(prompt) <= limit:
                 break
             # Drop the oldest whole turn: everything before the second user message.
@@ -859,23 +1209,18 @@ class Engine:
             processors.append(constraints.GrammarProcessor(matcher, vocab_size, eos))
         return processors
 
-    def _cached_prefix(self, slot: _Slot, prompt: list[int]) -> tuple[Any, list[int]]:
-        """A copy of the longest cached KV prefix of `prompt` and the tokens still to prefill."""
-        if slot.prompt_cache is None:
-            return None, prompt
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+    def _cached_prefix(self, slot: _Slot, prompt: list[int]) -> tuple[Any, list[int], str]:
+        """A copy of the longest kept KV prefix of `prompt` (in memory or on disk), the tokens
+        still to prefill and where the prefix came from (inference.kvcache)."""
+        from inference.kvcache import new_cache
 
-        cache, rest = slot.prompt_cache.fetch_nearest_cache(slot.model_id, prompt)
-        if cache is None:
-            return None, prompt
-        if not rest:
-            # The whole prompt is cached (a regenerated reply), but the last token must still
-            # go through the model to give the first logits.
-            if not can_trim_prompt_cache(cache):
-                return None, prompt
-            trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
-        return cache, list(rest)
+        if slot.prompt_cache is not None:
+            hit = slot.prompt_cache.fetch(prompt)
+            if hit.cache is not None:
+                return hit.cache, hit.rest, hit.source
+        # Nothing kept: a fresh cache (rotating with max_kv_size; None: the model's own).
+        fresh = new_cache(slot.loaded.model, self.kv_cache.for_model(slot.loaded.spec))
+        return fresh, prompt, "none"
 
     def _sampler(self, params: GenerationParams, vocab_size: int) -> Any:
         from mlx_lm.sample_utils import greedy_sampler, make_sampler
@@ -900,9 +1245,196 @@ class Engine:
             self._samplers[key] = sampler
         return sampler
 
-    # ------------------------------------------------------------------ decoding
+    # ------------------------------------------------------------------ scheduling
+
+    def _new_seq(
+        self,
+        slot: _Slot,
+        params: GenerationParams,
+        prompt: list[int],
+        cached: int,
+        cache: Any,
+        sampler: Any,
+        processors: list[Any],
+    ) -> _Seq:
+        """A request's own cache for its chunked prefill, with a draft cache when it may decode
+        speculatively (nothing else decodes, no logits processors, no seed)."""
+        if cache is None:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            cache = make_prompt_cache(slot.loaded.model)
+        seq = _Seq(
+            cache=cache,
+            fed=list(prompt[:cached]),
+            rest=list(prompt[cached:]),
+            sampler=sampler,
+            processors=processors,
+            max_tokens=1,
+            chunk=slot.chunk_rate,
+        )
+        if self._may_speculate(slot, params, processors, cache):
+            from mlx_lm.models.cache import make_prompt_cache
+
+            assert slot.draft is not None
+            seq.draft_cache = make_prompt_cache(slot.draft.model)
+            seq.draft_lag = list(seq.fed)
+        return seq
+
+    def _may_speculate(
+        self, slot: _Slot, params: GenerationParams, processors: list[Any], cache: Any
+    ) -> bool:
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        if slot.draft is None or processors or params.seed is not None:
+            # Stateful processors (a grammar) and seeded samplers cannot take back the
+            # positions a rejected draft used.
+            return False
+        others = sum(1 for a in slot.active.values() if a.phase != "prefill")
+        return others == 0 and bool(can_trim_prompt_cache(cache))
 
     def _step(self, slot: _Slot) -> None:
+        """One scheduling step of a model: place the requests whose prefill is done, one
+        decode step for the streams, then prefill chunks within what is left of
+        `target_latency_ms` (and `max_batch_tokens`), shortest prompt of the highest priority
+        first, so running streams keep streaming and a short request starts at once.
+
+        One stream alone decodes on its own cache with a generate_step-style loop (with the
+        draft model when there is one); with more, they decode in the generator's batch.
+        """
+        self._place_ready(slot)
+        began = time.perf_counter()
+        rows = 0
+        if slot.solo is not None:
+            rows = 1
+            self._solo_step(slot, slot.solo)
+        elif any(a.phase == "batch" for a in slot.active.values()):
+            rows = sum(1 for a in slot.active.values() if a.phase == "batch")
+            self._batch_step(slot)
+        decode_s = time.perf_counter() - began
+        if slot.prefilling:
+            self._prefill_step(slot, decode_s if rows else 0.0, rows)
+
+    def _place_ready(self, slot: _Slot) -> None:
+        """Move prefilled requests to decoding: alone on the solo path when nothing else
+        decodes, else all into the generator (the solo stream first, without losing a
+        token); a batch that shrank to one stream goes back to the solo path."""
+        ready = [a for a in slot.prefilling if a.seq is not None and a.seq.prefilled]
+        if not ready:
+            self._maybe_go_solo(slot)
+            return
+        for active in ready:
+            slot.prefilling.remove(active)
+        in_batch = any(a.phase == "batch" for a in slot.active.values())
+        if slot.solo is None and not in_batch and len(ready) == 1:
+            self._make_solo(slot, ready[0])
+            return
+        if slot.solo is not None:
+            solo, slot.solo = slot.solo, None
+            self._settle_solo(slot, solo)
+            if not solo.finished:
+                ready.insert(0, solo)
+        for active in ready:
+            self._join_batch(slot, active)
+
+    def _make_solo(self, slot: _Slot, active: _Active) -> None:
+        active.phase = "solo"
+        slot.solo = active
+        if not active.paths or active.paths[-1] != "solo":
+            active.paths.append("solo")
+
+    def _settle_solo(self, slot: _Slot, active: _Active) -> None:
+        """Emit the token the solo path computed ahead, so the request is in the state the
+        generator takes: its last token emitted but not yet in the cache."""
+        seq = active.seq
+        assert seq is not None
+        if seq.next is None:
+            return
+        y, logprobs = seq.next, seq.next_logprobs
+        seq.next = seq.next_logprobs = None
+        token = int(y.item())
+        seq.rest = [token]
+        self._emit_token(active, token, logprobs)
+
+    def _join_batch(self, slot: _Slot, active: _Active) -> None:
+        seq = active.seq
+        assert seq is not None and seq.next is None and len(seq.rest) == 1
+        try:
+            (uid,) = slot.generator.insert(
+                [list(seq.rest)],
+                max_tokens=[max(1, seq.max_tokens - active.tokens)],
+                caches=[seq.cache],
+                all_tokens=[list(seq.fed)],
+                samplers=[seq.sampler],
+                logits_processors=[seq.processors],
+                stop_sequences=[slot.stop_tokens],
+            )
+        except Exception as e:
+            logger.exception("request %s: cannot join the batch", active.request.id)
+            self._finish(active, "error", error=_describe(e))
+            return
+        slot.active.pop(active.uid, None)
+        active.uid = uid
+        slot.active[uid] = active
+        active.phase = "batch"
+        active.seq = None
+        active.batch_tokens = 0
+        if not active.paths or active.paths[-1] != "batch":
+            active.paths.append("batch")
+
+    def _maybe_go_solo(self, slot: _Slot) -> None:
+        """A batch of one, with nothing prefilling: the stream leaves the generator for the
+        solo path (its cache less its last token, which the solo path feeds again)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        if slot.solo is not None or slot.prefilling:
+            return
+        rows = [a for a in slot.active.values() if a.phase == "batch"]
+        if len(rows) != 1:
+            return
+        active = rows[0]
+        params = active.request.params
+        if active.batch_tokens < 1 or not active.plain:
+            # The last token goes through the model again: a seeded sampler or a stateful
+            # processor (a grammar) would see it twice.
+            return
+        remaining = self._remaining(active)
+        try:
+            removed = slot.generator.remove([active.uid], return_prompt_caches=True)
+            cache, tokens = removed[active.uid]
+            if not tokens or not can_trim_prompt_cache(cache):
+                raise ValueError("cache cannot be trimmed")
+            trim_prompt_cache(cache, 1)
+        except Exception as e:
+            logger.exception("request %s: could not leave the batch", active.request.id)
+            slot.active.pop(active.uid, None)
+            self._finish(active, "error", error=_describe(e), in_batch=False)
+            return
+        slot.active.pop(active.uid, None)
+        self._uids -= 1
+        active.uid = self._uids
+        slot.active[active.uid] = active
+        active.seq = _Seq(
+            cache=cache,
+            fed=list(tokens[:-1]),
+            rest=[tokens[-1]],
+            sampler=self._sampler(params, len(slot.loaded.tokenizer)),
+            processors=[],
+            max_tokens=active.tokens + max(1, remaining),
+            chunk=slot.chunk_rate,
+            prefilled=True,
+        )
+        self._make_solo(slot, active)
+
+    def _remaining(self, active: _Active) -> int:
+        """Tokens the generator would still give the request (its own max_tokens left)."""
+        gen = active.slot.generator._generation_batch
+        try:
+            i = gen.uids.index(active.uid)
+            return int(gen.max_tokens[i] - gen._num_tokens[i])
+        except (ValueError, AttributeError, IndexError):
+            return 1
+
+    def _batch_step(self, slot: _Slot) -> None:
         import mlx.core as mx
 
         try:
@@ -911,10 +1443,9 @@ class Engine:
             # The step is shared: whatever failed (out of memory, a bad request's processor),
             # every request in this batch is lost. Start a fresh generator for the next ones.
             logger.exception("model %s: batch step failed", slot.model_id)
-            for failed in list(slot.active.values()):
+            for failed in [a for a in slot.active.values() if a.phase == "batch"]:
                 message = f"generation failed: {_describe(e)}"
                 self._finish(failed, "error", error=message, in_batch=False)
-            slot.active.clear()
             try:
                 slot.generator.close()
             finally:
@@ -926,11 +1457,296 @@ class Engine:
             active = slot.active.get(response.uid)
             if active is None:
                 continue
+            active.batch_tokens += 1
             try:
                 self._on_token(active, response, now)
             except Exception as e:
                 logger.exception("request %s: failed", active.request.id)
                 self._finish(active, "error", error=_describe(e))
+
+    # ------------------------------------------------------------------ prefill in chunks
+
+    def _prefill_step(self, slot: _Slot, decode_s: float, rows: int) -> None:
+        """Prefill chunks within this step's budget: what target_latency_ms leaves after the
+        decode step (at least MIN_PREFILL_SHARE of it) and max_batch_tokens less the decode
+        rows. Each request's chunk follows its measured speed (attention makes later chunks
+        of a long prompt slower)."""
+        target = self.target_latency_s
+        budget = max(target - decode_s, target * MIN_PREFILL_SHARE)
+        tokens_left = max(1, self.max_batch_tokens - rows)
+        order = sorted(
+            slot.prefilling,
+            key=lambda a: (
+                PRIORITY_RANK.get(a.request.priority, 1),
+                len(a.seq.rest) if a.seq is not None else 0,
+                a.started_at,
+            ),
+        )
+        spent = 0.0
+        for active in order:
+            left = budget - spent
+            if spent > 0 and (left <= budget * 0.1 or tokens_left <= 0):
+                break
+            seq = active.seq
+            if seq is None or active.finished:
+                continue
+            n = int(seq.chunk * left)
+            n = max(1, min(n, tokens_left, self.prefill_step_size, len(seq.rest)))
+            began = time.perf_counter()
+            try:
+                self._prefill_chunk(slot, active, n)
+            except Exception as e:
+                logger.exception("request %s: prefill failed", active.request.id)
+                self._finish(active, "error", error=f"prefill failed: {_describe(e)}")
+                continue
+            elapsed = max(time.perf_counter() - began, 1e-6)
+            spent += elapsed
+            tokens_left -= n
+            # Tokens per second of budget for the next chunk (at most doubling, since cost
+            # per token is not flat): converges on chunks that take the budget.
+            rate = n / elapsed
+            seq.chunk = min(rate, 2.0 * max(seq.chunk, 1.0 / budget))
+            if active.prefill_chunks == 1 and len(seq.fed) <= 2 * n:
+                slot.chunk_rate = rate
+
+    def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
+        """Run `n` prompt tokens through the model on the request's own cache; the last
+        chunk samples and emits the first token."""
+        import mlx.core as mx
+
+        seq = active.seq
+        assert seq is not None
+        piece, final = seq.rest[:n], n == len(seq.rest)
+        active.prefill_chunks += 1
+        with self._on_stream():
+            logits = slot.loaded.model(mx.array([piece], dtype=mx.uint32), cache=seq.cache)
+            wait: list[Any] = [c.state for c in seq.cache]
+            if seq.draft_cache is not None:
+                assert slot.draft is not None
+                seq.draft_lag.extend(piece)
+                m = min(len(seq.draft_lag), n + DRAFT_CATCH_UP)
+                feed, seq.draft_lag = seq.draft_lag[:m], seq.draft_lag[m:]
+                if feed:
+                    slot.draft.model(mx.array([feed], dtype=mx.uint32), cache=seq.draft_cache)
+                    wait += [c.state for c in seq.draft_cache]
+            if final:
+                token, logprobs = self._sample(seq, logits[:, -1, :], seq.fed + piece)
+                wait += [token, logprobs]
+            mx.eval(wait)
+        seq.fed.extend(piece)
+        seq.rest = seq.rest[n:]
+        if final:
+            first = int(token.item())
+            seq.rest = [first]
+            seq.prefilled = True
+            self._emit_token(active, first, logprobs)
+
+    def _sample(self, seq: _Seq, logits: Any, context: list[int] | Any) -> tuple[Any, Any]:
+        """Sample one token from a (1, vocab) row after the request's processors; `context`
+        is every token in the cache, the last one included (mlx-lm's processor contract)."""
+        import mlx.core as mx
+
+        if seq.processors:
+            tokens = context if isinstance(context, mx.array) else mx.array(context, mx.uint32)
+            for processor in seq.processors:
+                logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return seq.sampler(logprobs), logprobs[0]
+
+    def _on_stream(self) -> Any:
+        """The engine thread's stream, as a context (every model call of this engine)."""
+        import mlx.core as mx
+
+        assert self._stream is not None
+        return mx.stream(self._stream)
+
+    def _emit_token(self, active: _Active, token: int, logprobs: Any) -> None:
+        """A token decoded outside the generator, through the same path as its responses."""
+        seq = active.seq
+        assert seq is not None
+        reason = None
+        if token in active.slot.eos_ids:
+            reason = "stop"
+        elif active.tokens + 1 >= seq.max_tokens:
+            reason = "length"
+        cache = seq.cache if reason is not None else None
+        response = _Response(token, logprobs, reason, cache, list(seq.fed) if cache else None)
+        try:
+            self._on_token(active, response, time.perf_counter())
+        except Exception as e:
+            logger.exception("request %s: failed", active.request.id)
+            self._finish(active, "error", error=_describe(e))
+
+    # ------------------------------------------------------------------ one stream
+
+    def _solo_step(self, slot: _Slot, active: _Active) -> None:
+        """One token (or, with a draft model, several) for the model's only stream, on its
+        own cache: mlx-lm's generate_step loop, one token computed ahead."""
+        import mlx.core as mx
+
+        seq = active.seq
+        assert seq is not None
+        if seq.draft_cache is not None and seq.next is None:
+            self._spec_step(slot, active)
+            return
+        began = time.perf_counter()
+        model = slot.loaded.model
+        with self._on_stream():
+            if seq.next is None:
+                feed = seq.rest.pop()
+                logits = model(mx.array([[feed]], dtype=mx.uint32), cache=seq.cache)
+                seq.fed.append(feed)
+                seq.next, seq.next_logprobs = self._sample(seq, logits[:, -1, :], seq.fed)
+            y, logprobs = seq.next, seq.next_logprobs
+            ahead = active.tokens + 1 < seq.max_tokens
+            if ahead:
+                logits = model(y[None], cache=seq.cache)
+                context: Any = None
+                if seq.processors:
+                    context = mx.concatenate([mx.array(seq.fed, mx.uint32), y])
+                seq.next, seq.next_logprobs = self._sample(seq, logits[:, -1, :], context)
+                mx.async_eval(seq.next, seq.next_logprobs)
+            else:
+                seq.next = seq.next_logprobs = None
+            token = int(y.item())
+        if ahead:
+            seq.fed.append(token)
+        else:
+            seq.rest = [token]
+        self._emit_token(active, token, logprobs)
+        elapsed = time.perf_counter() - began
+        slot.solo_token_s = (
+            elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
+        )
+
+    def _spec_step(self, slot: _Slot, active: _Active) -> None:
+        """Speculative decoding: the draft proposes up to num_draft_tokens greedily, the model
+        checks them in one forward pass and keeps the ones it samples itself, then one of its
+        own. With a greedy sampler the text is the one plain decoding writes."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        seq = active.seq
+        assert seq is not None and seq.draft_cache is not None and slot.draft is not None
+        feed = seq.rest.pop()
+        k = min(slot.num_draft_tokens, seq.max_tokens - active.tokens - 1)
+        if active.spec_steps % SPEC_BASELINE_EVERY == SPEC_BASELINE_EVERY - 1:
+            k = 0  # a plain step, to measure what the draft gains
+        began = time.perf_counter()
+        with self._on_stream():
+            drafts: list[Any] = []
+            if k > 0:
+                inputs = mx.array([seq.draft_lag + [feed]], dtype=mx.uint32)
+                seq.draft_lag = []
+                for _ in range(k):
+                    logits = slot.draft.model(inputs, cache=seq.draft_cache)
+                    d = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.uint32)
+                    mx.async_eval(d)
+                    drafts.append(d)
+                    inputs = d[None]
+                verify = mx.concatenate([mx.array([feed], dtype=mx.uint32), *drafts])
+            else:
+                seq.draft_lag.append(feed)
+                verify = mx.array([feed], dtype=mx.uint32)
+            logits = slot.loaded.model(verify[None], cache=seq.cache)[0]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sampled = seq.sampler(logprobs)
+            mx.eval(sampled, *drafts)
+            tokens = [int(t) for t in sampled.tolist()]
+            proposed = [int(d.item()) for d in drafts]
+        accepted = 0
+        while accepted < k and tokens[accepted] == proposed[accepted]:
+            accepted += 1
+        # The model's cache holds feed and k drafts: keep feed and the accepted ones. The
+        # draft's holds feed and the first k-1 drafts.
+        if k - accepted:
+            trim_prompt_cache(seq.cache, k - accepted)
+        if k and accepted == k:
+            seq.draft_lag = [proposed[-1]]
+        elif k - 1 - accepted > 0:
+            trim_prompt_cache(seq.draft_cache, k - 1 - accepted)
+        seq.fed.extend([feed, *proposed[:accepted]])
+        seq.rest = [tokens[accepted]]
+        elapsed = time.perf_counter() - began
+        emitted = 0
+        for i in range(accepted + 1):
+            self._emit_token(active, tokens[i], logprobs[i])
+            emitted += 1
+            if active.finished:
+                break
+        if k == 0:
+            slot.solo_token_s = (
+                elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
+            )
+        else:
+            active.spec_steps += 1
+            active.spec_drafted += k
+            active.spec_accepted += accepted
+            active.spec_tokens += emitted
+            active.spec_s += elapsed
+        if k == 0:
+            active.spec_steps += 1
+
+    def _details(self, active: _Active) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "decode_path": "+".join(active.paths),
+            "prefill_chunks": active.prefill_chunks,
+        }
+        if active.spec_drafted:
+            slot = active.slot
+            per_token = active.spec_s / active.spec_tokens if active.spec_tokens else 0.0
+            details["speculative"] = {
+                "draft_model": slot.draft_id,
+                "num_draft_tokens": slot.num_draft_tokens,
+                "drafted": active.spec_drafted,
+                "accepted": active.spec_accepted,
+                "acceptance_rate": round(active.spec_accepted / active.spec_drafted, 4),
+                "tokens_per_step": round(active.spec_tokens / max(1, active.spec_steps), 3),
+                # Against a plain one-stream step of the same model, measured now and then
+                # (SPEC_BASELINE_EVERY); None until one was.
+                "speedup": (
+                    round(slot.solo_token_s / per_token, 3)
+                    if slot.solo_token_s and per_token
+                    else None
+                ),
+            }
+        return details
+
+    def _load_draft(self, slot: _Slot, spec: ModelSpec) -> None:
+        """The model's draft_model (configs/models/<id>.yaml), when enable_speculative is on;
+        a draft that cannot load or does not share the tokenizer is logged and left out."""
+        if not self.enable_speculative:
+            return
+        models = getattr(self.catalogue.config, "models", {}) or {}
+        config = models.get(spec.id)
+        draft_id = getattr(config, "draft_model", None)
+        if not draft_id:
+            return
+        from inference.loader import load_model, use_float32_on_cpu
+
+        try:
+            draft = load_model(self.catalogue.get(draft_id), self.converted_dir)
+            use_float32_on_cpu(draft, self.cpu_float32_max_bytes)
+        except Exception as e:
+            logger.warning("model %s: draft model %s not loaded: %s", spec.id, draft_id, e)
+            return
+        target_tok, draft_tok = slot.loaded.tokenizer, draft.tokenizer
+        if sorted(draft_tok.eos_token_ids) != sorted(target_tok.eos_token_ids) or (
+            draft_tok.vocab != target_tok.vocab if hasattr(target_tok, "vocab") else False
+        ):
+            logger.warning(
+                "model %s: draft model %s has another tokenizer; not used", spec.id, draft_id
+            )
+            return
+        slot.draft, slot.draft_id = draft, draft_id
+        slot.num_draft_tokens = int(getattr(config, "num_draft_tokens", 3))
+        logger.info(
+            "model %s: speculative decoding with %s (%d draft tokens)",
+            spec.id,
+            draft_id,
+            slot.num_draft_tokens,
+        )
+
 
     def _on_token(self, active: _Active, response: Any, now: float) -> None:
         active.tokens += 1
@@ -1006,6 +1822,16 @@ class Engine:
         slot, request_id = active.slot, active.request.id
         slot.active.pop(active.uid, None)
         self._by_id.pop(request_id, None)
+        if active in slot.prefilling:
+            slot.prefilling.remove(active)
+        if slot.solo is active:
+            slot.solo = None
+        seq, active.seq = active.seq, None
+        if active.phase != "batch":
+            in_batch = False
+            if cache is None and seq is not None and seq.fed and reason != "error":
+                # Its own cache (a prefill cut short, the solo path): keep what it holds.
+                cache = (seq.cache, list(seq.fed))
         if cache is None and in_batch:
             keep_cache = slot.prompt_cache is not None and reason != "error"
             try:
@@ -1029,7 +1855,7 @@ class Engine:
         if cache is not None and cache[0] and cache[1] and slot.prompt_cache is not None:
             prompt_cache, tokens = cache
             try:
-                slot.prompt_cache.insert_cache(slot.model_id, list(tokens), prompt_cache)
+                slot.prompt_cache.insert(list(tokens), prompt_cache)
             except Exception:
                 logger.exception("request %s: could not keep its prompt cache", request_id)
 
@@ -1039,7 +1865,15 @@ class Engine:
             active.logprobs = []
         _safe_emit(
             active.emit,
-            Finished(request_id, reason, active.prompt_tokens, active.tokens, error=error),
+            Finished(
+                request_id,
+                reason,
+                active.prompt_tokens,
+                active.tokens,
+                error=error,
+                details=self._details(active),
+                prompt_cache=active.cache_source,
+            ),
         )
         elapsed = active.last_token_at - active.first_token_at
         rate = (active.tokens - 1) / elapsed if active.tokens > 1 and elapsed > 0 else 0.0
@@ -1187,6 +2021,8 @@ class Engine:
             elif isinstance(command, _Load | _UnloadAfter):
                 command.error = RuntimeError(f"engine is {state}")
                 command.done.set()
+            elif isinstance(command, _Warm):
+                command.done.set()
             elif isinstance(command, _Embed):
                 stopped = EmbeddingResult([], 0, error=error or f"engine is {state}", kind="error")
                 _safe_reply(command.reply, stopped)
@@ -1197,6 +2033,7 @@ class Engine:
         except Exception:
             logger.exception("could not unload the models")
         self._slots.clear()
+        self.memory.withdraw()
         gc.collect()
         mx.clear_cache()
 
@@ -1210,14 +2047,29 @@ def _keep_alive_or_none(seconds: float | None) -> float | None:
 
 
 def _template(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    assistant_prefix: str = "",
+    assistant_prefix_tokens: tuple[int, ...] = (),
 ) -> list[int]:
+    if assistant_prefix_tokens:
+        return _template(tokenizer, messages, tools) + list(assistant_prefix_tokens)
     if getattr(tokenizer, "has_chat_template", False):
         kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        if assistant_prefix:
+            # A reply to continue: the rendered text with the reply so far after the
+            # generation prompt, tokenized as one text (as transformers' continue_final_message
+            # does), so the boundary tokenizes as it would have in one piece.
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+            return list(tokenizer.encode(str(text) + assistant_prefix, add_special_tokens=False))
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     # A base model without a template: a plain transcript it can continue.
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tokenizer.encode(text))
+    return list(tokenizer.encode(text + assistant_prefix))
 
 
 _PROBE_TOOL = {
@@ -1388,11 +2240,20 @@ def _model_bytes(model: Any) -> int:
     return sum(int(value.nbytes) for _, value in leaves)
 
 
-def _opens_reasoning(slot: _Slot, prompt: list[int]) -> bool:
+def _opens_reasoning(slot: _Slot, prompt: list[int], assistant_prefix: str = "") -> bool:
     """Whether the templated prompt ends inside an open reasoning block (`<think>` added by
-    the template), so the reply starts as reasoning."""
+    the template), so the reply starts as reasoning.
+
+    A continued reply is judged before its prefix: the worker feeds the prefix to its own
+    splitter, which must start where the template left the reply."""
     start, end = slot.output.think_start, slot.output.think_end
-    tail = str(slot.loaded.tokenizer.decode(prompt[-8:]))
+    if assistant_prefix:
+        text = str(slot.loaded.tokenizer.decode(prompt))
+        if text.endswith(assistant_prefix):
+            text = text[: len(text) - len(assistant_prefix)]
+        tail = text[-200:]
+    else:
+        tail = str(slot.loaded.tokenizer.decode(prompt[-8:]))
     return start in tail and tail.rfind(start) > tail.rfind(end)
 
 
@@ -1444,6 +2305,9 @@ def _token_logprobs(active: _Active, response: Any) -> dict[str, Any]:
         "bytes": data,
         "logprob": float(logprobs[token].item()),
         "top_logprobs": [],
+        # Token ids, for the token trace (inference.provenance); the APIs leave them out.
+        "id": token,
+        "top_ids": [],
     }
     k = active.top_logprobs
     if k > 0:
@@ -1455,6 +2319,7 @@ def _token_logprobs(active: _Active, response: Any) -> dict[str, Any]:
             entry["top_logprobs"].append(
                 {"token": t_text, "bytes": t_data, "logprob": float(values[t])}
             )
+            entry["top_ids"].append(t)
     return entry
 
 

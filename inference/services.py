@@ -209,6 +209,7 @@ def generation_create(
     prompt_text: str | None = None,
     priority: str = "interactive",
     prompt: PromptMessage | None = None,
+    replayable: bool = False,
 ) -> Generation:
     """Record a generation and hand it to the worker once the row is committed.
 
@@ -220,6 +221,11 @@ def generation_create(
     as many replies queued as the limits allow and GenerationQueueFull when everyone together
     has. `priority` ("interactive" or "batch") is accepted for the APIs; scheduling does not
     use it yet: every user's replies already take turns.
+
+    Every row records the request's half of its provenance (sampler settings, seed); the
+    worker adds the model's. `replayable` (the chat's replies) also picks a seed when sampling
+    is random and none was given, so a replay draws the same tokens, and keeps the token trace
+    (each token's top alternatives) for the token-level fork: see `_replayable`.
     """
     if priority not in ("interactive", "batch"):
         raise ValueError(f"priority must be interactive or batch, not {priority!r}")
@@ -229,9 +235,8 @@ def generation_create(
     # new reply's prompt is exactly the old one's.
     if prompt is not None and (messages or previous is not None or prompt_text is not None):
         raise ValueError("an existing prompt takes no messages, previous or prompt_text")
-    spec = get_catalogue().get(model_id)  # only allowed models reach the worker
-    if getattr(spec, "task", "generate") != "generate":
-        raise NotAGenerationModel(f"model {model_id!r} is an embedding model: it does not chat")
+    _check_generation_model(model_id)
+    params, provenance, details = _replayable(params, replayable)
     with transaction.atomic():
         _check_queue()
         if user is not None:
@@ -246,12 +251,149 @@ def generation_create(
             prompt=prompt,
             params=params.model_dump(),
             notify_group=notify_group,
+            provenance=provenance,
+            details=details,
         )
+    _start_on_commit(generation)
+    return generation
+
+
+def _check_generation_model(model_id: str) -> ModelSpec:
+    spec = get_catalogue().get(model_id)  # only allowed models reach the worker
+    if getattr(spec, "task", "generate") != "generate":
+        raise NotAGenerationModel(f"model {model_id!r} is an embedding model: it does not chat")
+    return spec
+
+
+def _start_on_commit(generation: Generation) -> None:
     code = str(generation.code)
     transaction.on_commit(
         lambda: _send(settings.INFERENCE_CHANNEL, {"type": "generation.start", "code": code})
     )
-    return generation
+
+
+def _replayable(
+    params: GenerationParams, replayable: bool
+) -> tuple[GenerationParams, dict[str, Any], dict[str, Any]]:
+    """(params as sent to the engine, the request's provenance, the row's details).
+
+    Only replayable rows get a picked seed and a trace: a seeded sampler samples its row on
+    its own instead of in one call with the batch's other rows that share settings, and the
+    trace costs a top-k over the vocabulary per token (docs/benchmarks.md, "Token trace").
+    """
+    from inference.provenance import TRACE_TOP_LOGPROBS, request_provenance, seeded
+
+    details: dict[str, Any] = {}
+    seed_source = "request" if params.seed is not None else "none"
+    if replayable:
+        picked = seeded(params)
+        if picked.seed != params.seed:
+            seed_source = "picked"
+        params = picked.model_copy(
+            update={"logprobs": True, "top_logprobs": max(params.top_logprobs, TRACE_TOP_LOGPROBS)}
+        )
+        details["trace"] = True
+    provenance = {**request_provenance(params), "seed_source": seed_source}
+    if params.temperature == 0:
+        provenance["seed_source"] = "greedy"
+    return params, provenance, details
+
+
+class NotContinuable(ValueError):
+    """The reply cannot be continued (still running, a raw completion, no prompt); the message
+    says why."""
+
+
+MAX_PREFIX_CHARS = 1_000_000
+
+
+def generation_continue(
+    *,
+    generation: Generation,
+    params: GenerationParams | None = None,
+    user: AbstractBaseUser | None = None,
+    notify_group: str = "",
+    prefix: str | None = None,
+    model_id: str | None = None,
+    trace_prefix: list[dict[str, Any]] | None = None,
+    replayable: bool = True,
+) -> Generation:
+    """A new generation that continues an assistant reply: the same prompt as `generation`,
+    then `prefix` (default: the reply's text) placed after the template's generation prompt
+    with no end of turn, and the engine writes what follows.
+
+    The new row's text starts with the prefix and grows with the new tokens (its deltas carry
+    only new text); `details` records `continues` (the source's code) and `prefix_chars`.
+    Used by "Continue" (a reply that hit its token limit), the token-level fork (the prefix
+    ends with the chosen token) and replay with another model (`model_id`).
+
+    `params` default to the source's, with a new seed when the source's was picked for it.
+    `trace_prefix` are the token-trace entries of the prefix (the fork passes them); without
+    it the source's entries are kept when the prefix is exactly the text of its first tokens.
+    Raises NotContinuable, UnknownModel, NotAGenerationModel, GenerationLimitReached and
+    GenerationQueueFull.
+    """
+    from inference.provenance import trace_text
+
+    if generation.is_active:
+        raise NotContinuable("the reply is still being written: wait for it or stop it")
+    prompt = generation.prompt if generation.prompt_id is not None else None
+    if prompt is None:
+        raise NotContinuable("the reply has no recorded prompt to continue from")
+    if prompt.role == PromptMessage.Role.RAW:
+        raise NotContinuable("a raw completion is continued by sending its text as the prompt")
+    prefix = generation.text if prefix is None else prefix
+    if not isinstance(prefix, str):
+        raise NotContinuable("the prefix must be text")
+    if len(prefix) > MAX_PREFIX_CHARS:
+        raise NotContinuable(f"the prefix is over {MAX_PREFIX_CHARS:,} characters")
+    model_id = model_id or generation.model_id
+    _check_generation_model(model_id)
+    if params is None:
+        values = dict(generation.params or {})
+        if (generation.provenance or {}).get("seed_source") == "picked":
+            values["seed"] = None  # the continuation draws its own
+        params = GenerationParams.model_validate(values)
+    params, provenance, details = _replayable(params, replayable)
+    same_model = model_id == generation.model_id
+    source_trace = list(generation.token_trace or []) if same_model else []
+    if not same_model:
+        trace_prefix = []  # another model's tokens mean nothing to this one
+    if trace_prefix is None:
+        trace_prefix = []
+        if source_trace:
+            # The longest run of whole tokens whose text is the prefix (the first token's
+            # leading space may be missing from the text: detokenizers trim it).
+            for end in range(len(source_trace), 0, -1):
+                text = trace_text(source_trace[:end])
+                if len(text) < len(prefix):
+                    break
+                if text == prefix or (text.startswith(" ") and text[1:] == prefix):
+                    trace_prefix = source_trace[:end]
+                    break
+    details.update(continues=str(generation.code), prefix_chars=len(prefix))
+    if trace_prefix and all(isinstance(entry.get("id"), int) for entry in trace_prefix):
+        # The engine takes these tokens as they are instead of tokenizing the text again.
+        details["prefix_tokens"] = len(trace_prefix)
+    provenance.update(continues=str(generation.code), prefix_chars=len(prefix))
+    owner = user if user is not None else generation.user
+    with transaction.atomic():
+        _check_queue()
+        if owner is not None:
+            _check_user_limits(owner)
+        continued = Generation.objects.create(
+            model_id=model_id,
+            user_id=owner.pk if owner is not None else None,
+            prompt=prompt,
+            params=params.model_dump(),
+            notify_group=notify_group,
+            text=prefix,
+            provenance=provenance,
+            details=details,
+            token_trace=trace_prefix,
+        )
+    _start_on_commit(continued)
+    return continued
 
 
 def generation_record(
@@ -319,6 +461,22 @@ def generation_request_sync(*, generation: Generation, reply_channel: str) -> No
         settings.INFERENCE_CHANNEL,
         {"type": "generation.sync", "code": str(generation.code), "reply_channel": reply_channel},
     )
+
+
+def generation_warm(*, replies: Sequence[Generation | None]) -> None:
+    """A conversation is being opened: ask the worker to get its next turn ready (load the
+    model, restore the KV cache of the conversation so far from disk: inference.kvcache).
+
+    `replies` are the conversation's reply generations, oldest first; the last finished one
+    is warmed. Best effort: a full or missing channel is only logged.
+    """
+    last = next((g for g in reversed(replies) if g is not None), None)
+    if last is None or last.is_active or not (last.text or last.tool_calls):
+        return
+    try:
+        _send(settings.INFERENCE_CHANNEL, {"type": "generation.warm", "code": str(last.code)})
+    except Exception as e:  # ChannelFull, a Redis hiccup: the next turn only starts colder
+        logger.warning("could not ask to warm generation %s: %s", last.code, e)
 
 
 def model_last_used() -> dict[str, datetime]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -47,15 +48,28 @@ WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 _engine_lock = threading.Lock()
 _engine: Any = None
+# Set by use_engine: the process serves with that engine only, never one of its own.
+_engine_fixed = False
+
+
+def use_engine(engine: Any) -> None:
+    """Serve with `engine` (started) instead of an `Engine` of this process's own: a
+    distributed group's rank 0 (inference.distributed) does, with its `GroupEngine`."""
+    global _engine, _engine_fixed
+    with _engine_lock:
+        _engine, _engine_fixed = engine, True
 
 
 def get_engine() -> Any:
     """The process-wide engine, started on first use."""
     global _engine
     with _engine_lock:
+        if _engine_fixed:
+            return _engine
         if _engine is None or not _engine.alive:
             from inference.catalogue import get_catalogue
             from inference.engine import Engine
+            from inference.memory import configured_budget, configured_table_path
 
             server = settings.MLXWEB_CONFIG.server
             _engine = Engine(
@@ -71,9 +85,35 @@ def get_engine() -> Any:
                 prefill_step_size=server.batch.prefill_step_size,
                 cpu_float32_max_bytes=server.cpu_float32_max_bytes,
                 keep_alive=server.keep_alive,
+                kv_cache=_kv_cache_settings(server),
+                memory_budget_bytes=configured_budget(),
+                memory_table=configured_table_path(),
+                max_batch_tokens=server.scheduler.max_batch_tokens,
+                target_latency_ms=server.scheduler.target_latency_ms,
+                enable_speculative=server.scheduler.enable_speculative,
             )
             _engine.start()
         return _engine
+
+
+def _kv_cache_settings(server: Any) -> Any:
+    """server.yaml's prompt_cache and kv_persistence, as the engine takes them."""
+    from inference.kvcache import KVCacheSettings
+
+    cache, persistence = server.prompt_cache, server.kv_persistence
+    folder = None
+    if persistence.enabled:
+        folder = settings.PATHS.resolve(persistence.dir) if persistence.dir else None
+        folder = folder or settings.VAR_DIR / "kvcache"
+    return KVCacheSettings(
+        max_entries=cache.max_entries,
+        max_bytes=cache.max_bytes,
+        kv_bits=cache.kv_bits,
+        kv_group_size=cache.kv_group_size,
+        max_kv_size=cache.max_kv_size,
+        persist_dir=folder,
+        persist_max_bytes=persistence.max_bytes,
+    )
 
 
 def stop_engine() -> None:
@@ -83,6 +123,14 @@ def stop_engine() -> None:
         if _engine is not None:
             _engine.stop()
             _engine = None
+
+
+@functools.cache
+def _idle_budget() -> int:
+    """The memory budget a worker whose engine has not started reports."""
+    from inference.memory import configured_budget
+
+    return configured_budget()
 
 
 def _now(ts: float | None = None) -> datetime:
@@ -112,6 +160,9 @@ class _Stream:
     submitted: bool = False
     finished: bool = False
     pending_writes: dict[str, Any] = field(default_factory=dict)
+    # The token trace (issue 9's token-level fork), kept when the row asks for it
+    # (details["trace"]); a continued reply starts with its source's entries.
+    trace: list[dict[str, Any]] | None = None
 
 
 # --- database side (sync, run in Django's thread pool) -------------------------------------
@@ -127,11 +178,22 @@ def _load_queued(code: str) -> tuple[Generation, list[dict[str, Any]]] | None:
 
 
 @database_sync_to_async
-def _write_heartbeat(loaded: list[dict[str, Any]], queued: int, streaming: int) -> None:
-    WorkerHeartbeat.objects.update_or_create(
-        worker_id=WORKER_ID,
-        defaults={"updated_at": _now(), "loaded": loaded, "queued": queued, "streaming": streaming},
-    )
+def _write_heartbeat(
+    loaded: list[dict[str, Any]],
+    queued: int,
+    streaming: int,
+    memory: dict[str, Any] | None = None,
+) -> None:
+    defaults: dict[str, Any] = {
+        "updated_at": _now(),
+        "loaded": loaded,
+        "queued": queued,
+        "streaming": streaming,
+    }
+    if memory is not None:
+        defaults["budget_bytes"] = int(memory["budget_bytes"])
+        defaults["used_bytes"] = int(memory["used_bytes"])
+    WorkerHeartbeat.objects.update_or_create(worker_id=WORKER_ID, defaults=defaults)
 
 
 @database_sync_to_async
@@ -202,12 +264,23 @@ class WorkerRuntime:
         prompt_text = None
         if len(messages) == 1 and messages[0]["role"] == "raw":
             prompt_text, messages = messages[0]["content"], []
+        # A continued reply (inference.services.generation_continue): its row starts with the
+        # text to continue from, and its trace with that text's tokens when they are known;
+        # the engine writes what follows.
+        details = generation.details or {}
+        prefix = generation.text[: int(details.get("prefix_chars") or 0)]
+        prefix_tokens = tuple(
+            int(entry["id"])
+            for entry in (generation.token_trace or [])[: int(details.get("prefix_tokens") or 0)]
+        )
         request = GenerationRequest(
             id=code,
             model_id=generation.model_id,
             messages=messages,
             params=params,
             prompt_text=prompt_text,
+            assistant_prefix=prefix,
+            assistant_prefix_tokens=prefix_tokens,
         )
         user = str(generation.user_id or "")
         stream = _Stream(
@@ -216,7 +289,10 @@ class WorkerRuntime:
             generation=generation,
             user=user,
             params=params,
+            text=prefix,
         )
+        if (generation.details or {}).get("trace") and params.logprobs:
+            stream.trace = list(generation.token_trace or [])
         self.streams[code] = stream
         await _update(code, worker_id=WORKER_ID)
         self.waiting.setdefault(user, deque()).append((stream, request))
@@ -272,18 +348,25 @@ class WorkerRuntime:
     async def write_heartbeat(self) -> None:
         engine = _engine  # never start the engine just to say it has nothing loaded
         loaded = []
+        memory = {"budget_bytes": _idle_budget(), "used_bytes": 0}
         if engine is not None and engine.alive:
+            # The memory budget (inference.memory): the row's budget_bytes/used_bytes, and
+            # each model's KV cache bytes beside its weights.
+            memory = engine.memory_status()
+            kv = {m["model_id"]: m["kv_bytes"] for m in memory["models"]}
             for info in engine.loaded_models():
                 loaded.append(
                     {
                         "model_id": info["model_id"],
                         "bytes": info["bytes"],
+                        "kv_bytes": int(kv.get(info["model_id"], 0)),
+                        "base_model": info.get("base_model"),
                         "loaded_at": _now(info["loaded_at"]).isoformat(),
                         "expires_at": _iso_or_none(info.get("expires_at")),
                     }
                 )
         self._update_gauges()
-        await _write_heartbeat(loaded, self._queued_count(), self._active_count())
+        await _write_heartbeat(loaded, self._queued_count(), self._active_count(), memory)
 
     async def _submit(self, stream: _Stream, request: Any) -> None:
         loop = self.loop
@@ -364,6 +447,16 @@ class WorkerRuntime:
                         continue
                     if isinstance(event, Started):
                         stream.splitter = self._splitter(stream, event.output)
+                        if stream.text:
+                            # A continued reply: the splitter reads the prefix first (it may
+                            # end inside reasoning); the group already has it from the row.
+                            pieces = stream.splitter.feed(stream.text)
+                            stream.sent = sum(len(piece) for _, piece in pieces)
+                        if event.provenance:
+                            stream.pending_writes["provenance"] = {
+                                **(stream.generation.provenance or {}),
+                                **event.provenance,
+                            }
                         metrics.generation_started(
                             stream.generation.model_id,
                             prompt_tokens=event.prompt_tokens,
@@ -415,6 +508,10 @@ class WorkerRuntime:
         text = "".join(part.text for part in parts)
         stream.text += text
         logprobs = [entry for part in parts for entry in (part.logprobs or [])]
+        if stream.trace is not None and logprobs:
+            from inference.provenance import trace_entry
+
+            stream.trace.extend(trace_entry(entry) for entry in logprobs)
         if stream.splitter is None:  # no Started seen (cannot happen; be safe)
             stream.splitter = self._splitter(stream, OutputFormat())
         await self._send_pieces(stream, stream.splitter.feed(text), logprobs)
@@ -466,6 +563,12 @@ class WorkerRuntime:
         }
         if event.prompt_tokens:
             fields["prompt_tokens"] = event.prompt_tokens
+        if stream.trace is not None:
+            fields["token_trace"] = stream.trace
+        if getattr(event, "prompt_cache", ""):
+            # Where its KV prefix came from: memory, disk, warm (restored on open) or none.
+            details = fields.get("details", stream.generation.details) or {}
+            fields["details"] = {**details, "prompt_cache": event.prompt_cache}
         stream.pending_writes.clear()
         await database_sync_to_async(stream.generation.finish)(reason, **fields)
         created = stream.generation.created_at.timestamp()
@@ -619,12 +722,55 @@ async def _serve_unload_after(message: dict[str, Any]) -> None:
         await layer.send(reply_channel, answer)
 
 
+@database_sync_to_async
+def _warm_request(code: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """The model and messages of a finished reply's conversation so far, its reply included
+    (as the next turn's prompt will show it: inference.services._prompt_for)."""
+    generation = Generation.objects.filter(code=code).first()
+    if generation is None or generation.is_active or generation.prompt_id is None:
+        return None
+    messages = generation.prompt_messages()
+    if not messages or messages[0].get("role") == "raw":
+        return None
+    said = generation.content if generation.content or generation.tool_calls else generation.text
+    reply: dict[str, Any] = {"role": "assistant", "content": said}
+    if generation.tool_calls:
+        reply["tool_calls"] = generation.tool_calls
+    return generation.model_id, [*messages, reply]
+
+
+async def _serve_warm(message: dict[str, Any]) -> None:
+    try:
+        code = str(uuid.UUID(str(message.get("code"))))
+    except ValueError:
+        logger.warning("generation.warm: not a generation code: %r", message.get("code"))
+        return
+    try:
+        request = await _warm_request(code)
+        if request is None:
+            return
+        engine = await asyncio.to_thread(get_engine)
+        engine.warm(*request)  # queued for the engine thread; returns at once
+    except Exception:
+        logger.exception("could not warm generation %s", code)
+
+
+_warm_tasks: set[asyncio.Task[None]] = set()
+
+
 class InferenceWorker(AsyncConsumer):
-    """Handles `generation.start`, `generation.stop`, `generation.sync`,
+    """Handles `generation.start`, `generation.stop`, `generation.sync`, `generation.warm`,
     `embedding.request` and `model.unload_after` on the channel."""
 
     async def generation_start(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().start(str(message["code"]))
+
+    async def generation_warm(self, message: dict[str, Any]) -> None:
+        # A task of its own: starting the engine and reading the row must not hold up the
+        # generation messages behind this one.
+        task = asyncio.get_running_loop().create_task(_serve_warm(message))
+        _warm_tasks.add(task)
+        task.add_done_callback(_warm_tasks.discard)
 
     async def generation_stop(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().stop(str(message["code"]))

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 # The model schemas are the inference app's (its engine imports them without the project).
-from inference.config import KeepAlive, ModelConfig, ModelId
+from inference.config import KeepAlive, ModelConfig, ModelId, SchedulerSettings
 from inference.config import StrictSchema as _Strict
 
 __all__ = [
@@ -78,6 +78,33 @@ class PromptCacheSettings(_Strict):
 
     max_entries: int = Field(16, ge=0, le=10_000)
     max_bytes: int = Field(2 * 1024**3, ge=0)
+    # Quantize the KV caches kept between turns (memory and disk) to 4 or 8 bits, in groups of
+    # kv_group_size values; null keeps them as computed. A model's config may set its own.
+    kv_bits: Literal[4, 8] | None = None
+    kv_group_size: Literal[32, 64, 128] = 64
+    # A rotating KV cache of this many tokens per sequence (the first 4 and the most recent
+    # ones) for long contexts; null keeps every token. Not together with kv_bits.
+    max_kv_size: int | None = Field(None, ge=64, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _not_both(self) -> PromptCacheSettings:
+        if self.kv_bits is not None and self.max_kv_size is not None:
+            raise ValueError(
+                "kv_bits and max_kv_size cannot both be set (mlx-lm cannot "
+                "quantize a rotating cache)"
+            )
+        return self
+
+
+class KvPersistenceSettings(_Strict):
+    """Conversations' KV caches written to disk when they leave memory, so that reopening a
+    conversation (also after a restart) prefills only its new message."""
+
+    enabled: bool = True
+    # null: <var_dir>/kvcache. Relative paths are relative to the project root.
+    dir: Path | None = None
+    # The most the files may take together; the least recently used go first.
+    max_bytes: int = Field(4 * 1024**3, ge=0, le=1024**5)
 
 
 class BatchSettings(_Strict):
@@ -270,7 +297,10 @@ class ServerConfig(_Strict):
     cpu_float32_max_bytes: int = Field(2 * 1024**3, ge=0)
     limits: Limits = Limits()
     prompt_cache: PromptCacheSettings = PromptCacheSettings()
+    kv_persistence: KvPersistenceSettings = KvPersistenceSettings()
     batch: BatchSettings = BatchSettings()
+    # Chunked prefill, priorities, speculative decoding (inference.config.SchedulerSettings).
+    scheduler: SchedulerSettings = SchedulerSettings()
     library: LibrarySettings = LibrarySettings()
     api: ApiSettings = ApiSettings()
     grpc: GrpcSettings = GrpcSettings()
@@ -367,6 +397,9 @@ ENV_OVERRIDES: dict[str, str] = {
     "MLXWEB_LOGIN_LOCKOUT_MINUTES": "login.lockout_minutes",
     "MLXWEB_PROMPT_CACHE_ENTRIES": "prompt_cache.max_entries",
     "MLXWEB_PROMPT_CACHE_BYTES": "prompt_cache.max_bytes",
+    "MLXWEB_KV_PERSISTENCE": "kv_persistence.enabled",
+    "MLXWEB_KV_PERSISTENCE_DIR": "kv_persistence.dir",
+    "MLXWEB_KV_PERSISTENCE_BYTES": "kv_persistence.max_bytes",
     "MLXWEB_IMPORT_DIRS": "library.import_dirs",
     "MLXWEB_MAX_UPLOAD_BYTES": "library.max_upload_bytes",
     "MLXWEB_API_REQUESTS_PER_MINUTE": "api.requests_per_minute",
@@ -395,6 +428,7 @@ _VERBATIM_ENV = {
     "MLXWEB_REDIS_URL",
     "MLXWEB_DEFAULT_MODEL",
     "MLXWEB_MODELS_DIR",
+    "MLXWEB_KV_PERSISTENCE_DIR",
     "MLXWEB_IMPORT_DIRS",
     "MLXWEB_API_CORS_ORIGINS",
     "MLXWEB_GRPC_SOCKET",
