@@ -1,0 +1,269 @@
+"""Where a reply came from (issue 9): enough to say which weights, template and sampler wrote
+it, and to replay it exactly.
+
+Two halves, recorded in `Generation.provenance`:
+
+- `request_provenance` (the web side, when the row is made): the sampler settings and the seed
+  actually used. A request that gave no seed gets one picked here, so that sampling is
+  replayable (the engine's seeded sampler still batches with other requests).
+- `model_provenance` (the engine thread, once per loaded model, merged in by the worker when
+  the reply starts): model id, kind, revision, a fingerprint of the weights, quantization,
+  the chat template's hash, the compute dtype and device, mlx and mlx-lm versions.
+
+Nothing here hashes whole weight files: a multi-GB model would cost seconds per load. The
+fingerprint reads the size and the first and last MiB of each weights file (a safetensors
+header at the start lists every tensor's offsets; GGUF's metadata and tensor table are at the
+start too), which tells two files apart in practice, and says so in its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inference.schemas import GenerationParams
+
+if TYPE_CHECKING:
+    from inference.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# The sampler settings that decide which tokens are drawn (max_tokens and stop decide where
+# the reply ends; both are kept too, since replaying needs them).
+SAMPLER_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "max_tokens",
+    "stop",
+)
+FINGERPRINT_SPAN = 1 << 20  # bytes read at each end of a weights file
+# The files whose bytes are the model: weights and what shapes them.
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
+_SHAPE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def seeded(params: GenerationParams) -> GenerationParams:
+    """`params` with a seed: its own, or a new random one when sampling is random and none was
+    given (greedy decoding needs none: it is exact already)."""
+    if params.seed is not None or params.temperature == 0:
+        return params
+    return params.model_copy(update={"seed": secrets.randbelow(2**32)})
+
+
+def request_provenance(params: GenerationParams) -> dict[str, Any]:
+    """The request's half: sampler settings and the seed that will be used."""
+    values = params.model_dump(include=set(SAMPLER_FIELDS))
+    values["logit_bias"] = {str(k): v for k, v in values["logit_bias"].items()}
+    return {
+        "sampler": values,
+        "seed": params.seed,
+        "greedy": params.temperature == 0,
+        "tools": [tool.name for tool in params.tools] if params.uses_tools else [],
+        "response_format": params.response_format.type if params.response_format else "text",
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries that compute replies."""
+    versions = {}
+    for package in ("mlx", "mlx-lm", "transformers"):
+        try:
+            versions[package.replace("-", "_")] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package.replace("-", "_")] = ""
+    return versions
+
+
+def template_hash(template: Any) -> str:
+    """The SHA-256 of a chat template ("" for none); a dict of named templates hashes as JSON."""
+    if not template:
+        return ""
+    if not isinstance(template, str):
+        template = json.dumps(template, sort_keys=True, default=str)
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+def _file_fingerprint(digest: Any, path: Path) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_SPAN))
+        if size > 2 * FINGERPRINT_SPAN:
+            f.seek(size - FINGERPRINT_SPAN)
+            digest.update(f.read(FINGERPRINT_SPAN))
+        elif size > FINGERPRINT_SPAN:
+            digest.update(f.read())
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A SHA-256 over each weights file's name, size and first and last MiB, and the small
+    files that shape the model (config, tokenizer): cheap at any model size. "" if unreadable."""
+    digest = hashlib.sha256()
+    try:
+        if path.is_file():
+            _file_fingerprint(digest, path)
+        else:
+            files = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _SHAPE_FILES)
+            )
+            if not files:
+                return ""
+            for file in files:
+                _file_fingerprint(digest, file)
+    except OSError as e:
+        logger.warning("could not fingerprint %s: %s", path, e)
+        return ""
+    return digest.hexdigest()
+
+
+def _quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """bits / group_size / mode from an mlx-lm config ("none" when not quantized); `mixed`
+    when some layers have their own bits (GGUF imports, recipes)."""
+    quant = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return {"method": "none"}
+    method = quant.get("mode") or quant.get("quant_method") or "affine"
+    out: dict[str, Any] = {"method": str(method)}
+    for key in ("bits", "group_size"):
+        if isinstance(quant.get(key), int):
+            out[key] = quant[key]
+    layers = {
+        (v.get("bits"), v.get("group_size")) for v in quant.values() if isinstance(v, dict)
+    }
+    if layers:
+        out["mixed"] = sorted(f"{b}-bit/{g}" for b, g in layers if b is not None)
+    return out
+
+
+def _compute_dtype(model: Any) -> str:
+    """The dtype the model computes in (the first floating parameter's; float32 when the
+    engine cast the model on the CPU)."""
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        leaves: Any = tree_flatten(model.parameters())
+        for _, value in leaves:
+            if mx.issubdtype(value.dtype, mx.floating):
+                return str(value.dtype).removeprefix("mlx.core.")
+    except Exception:  # a model without parameters, a stub in tests
+        pass
+    return ""
+
+
+def _device() -> str:
+    try:
+        import mlx.core as mx
+
+        return str(mx.default_device())
+    except Exception:
+        return ""
+
+
+def model_provenance(loaded: LoadedModel, converted_dir: Path) -> dict[str, Any]:
+    """The loaded model's half (computed on the engine thread, once per loaded model)."""
+    from inference.loader import converted_path
+    from inference.weights.convert import read_provenance
+
+    spec = loaded.spec
+    source = spec.local_path()
+    record: dict[str, Any] = {
+        "model_id": spec.id,
+        "model_name": spec.name,
+        "kind": spec.kind,
+        "revision": spec.revision or "",
+        "hub_repo": spec.hub_repo or "",
+        "context_length": loaded.context_length,
+        "chat_template_sha256": template_hash(
+            getattr(loaded.tokenizer, "chat_template", None)
+        ),
+        "chat_template_overridden": bool(spec.chat_template),
+        "compute_dtype": _compute_dtype(loaded.model),
+        "device": _device(),
+        "versions": library_versions(),
+    }
+    model_dir: Path | None = None
+    if source is not None:
+        record["source"] = source.name
+        record["weights_fingerprint"] = weights_fingerprint(source)
+        if spec.kind == "hub":
+            # A snapshot folder is named by the commit it holds.
+            record["revision"] = record["revision"] or source.name
+        if spec.kind == "gguf":
+            record["file_bytes"] = source.stat().st_size
+            model_dir = converted_path(spec, converted_dir)
+        else:
+            model_dir = source
+    config: dict[str, Any] = {}
+    if model_dir is not None:
+        try:
+            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        made_from = read_provenance(model_dir)
+        if made_from:
+            # What an import or conversion here recorded (mlxweb_source.json).
+            record["made_from"] = {
+                k: made_from[k]
+                for k in ("kind", "path", "size_bytes", "mtime_ns", "recorded_at", "tag")
+                if k in made_from
+            }
+    record["quantization"] = _quantization(config)
+    record["architecture"] = str(config.get("model_type", ""))
+    return record
+
+
+# Alternatives kept per token of a traced reply, and the digits kept of each logprob.
+TRACE_TOP_LOGPROBS = 5
+_TRACE_DIGITS = 4
+
+
+def _trace_token(entry: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "token": str(entry.get("token", "")),
+        "logprob": round(float(entry.get("logprob", 0.0)), _TRACE_DIGITS),
+    }
+    # A token that holds part of a UTF-8 character shows as U+FFFD; its bytes join with its
+    # neighbours' into the real text, so they are kept (only for such tokens: they are rare).
+    if "\ufffd" in out["token"] and entry.get("bytes"):
+        out["bytes"] = list(entry["bytes"])
+    return out
+
+
+def trace_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One generated token as `Generation.token_trace` keeps it, from the engine's logprobs
+    entry: {"token", "id", "logprob", "top": [{"token", "id", "logprob"}, ...]} (best first).
+    The ids let a continuation go on from the very tokens (`generation_continue`)."""
+    out = _trace_token(entry)
+    if isinstance(entry.get("id"), int):
+        out["id"] = entry["id"]
+    ids = entry.get("top_ids") or []
+    out["top"] = []
+    for i, alt in enumerate(entry.get("top_logprobs") or []):
+        top = _trace_token(alt)
+        if i < len(ids) and isinstance(ids[i], int):
+            top["id"] = ids[i]
+        out["top"].append(top)
+    return out
+
+
+def trace_text(entries: list[dict[str, Any]]) -> str:
+    """The text of consecutive trace tokens (bytes joined, so split characters come whole)."""
+    data = bytearray()
+    for entry in entries:
+        raw = entry.get("bytes")
+        data += bytes(raw) if raw else str(entry.get("token", "")).encode("utf-8")
+    return data.decode("utf-8", errors="replace")
