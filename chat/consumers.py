@@ -16,9 +16,11 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from pydantic import ValidationError
 
-from chat import frames, services
+from chat import branch_frames, frames, services
+from chat.branches import branch_action
 from chat.models import Conversation, Message, ToolStep
 from chat.schemas import (
+    BranchAction,
     FrameError,
     SendMessage,
     StopReply,
@@ -50,6 +52,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tasks: set[asyncio.Future[None]] = set()
+        # The title generations of this conversation: their deltas are not for the page.
+        self._title_codes: set[str] = set()
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -63,7 +67,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.conversation = conversation
         await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+        await self.channel_layer.group_add(services.title_group(conversation), self.channel_name)
         await self.accept()
+        # A title that finished while no tab was open is applied now; one that is due (the
+        # first reply ended with no tab open) starts now.
+        if await database_sync_to_async(services.title_apply)(conversation=conversation):
+            await self._send_sidebar()
+        await self._title_after_reply()
         # A reply may have streamed on while the page was being rendered: ask the worker for
         # the exact text so far. Deltas that arrive before the snapshot are overwritten by it.
         for reply in await database_sync_to_async(services.active_replies)(
@@ -88,6 +98,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Leaving never stops a reply: the worker finishes and saves it.
         if hasattr(self, "conversation"):
             await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
+            await self.channel_layer.group_discard(
+                services.title_group(self.conversation), self.channel_name
+            )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         limit = settings.MLXWEB_CONFIG.server.limits.ws_max_message_bytes
@@ -111,8 +124,53 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_turn(message)
         elif isinstance(message, ToolDecision):
             await self._decide(message)
-        else:
+        elif isinstance(message, StopReply):
             await self._stop(message)
+        else:
+            await self._branch(message)
+
+    async def _branch(self, action: BranchAction) -> None:
+        """Regenerate, continue, switch, edit, delete, fork, pin, rename: every open tab of
+        the conversation shows the result; a fork opens in this tab."""
+        try:
+            outcome = await database_sync_to_async(branch_action)(
+                conversation=self.conversation, action=action
+            )
+        except services.ChatError as e:
+            await self._error(str(e))
+            return
+        except UnknownModel:
+            await self._error(f"Unknown model {getattr(action, 'model', '')!r}.")
+            return
+        except ValidationError as e:
+            await self._error(f"Invalid options: {describe_error(e)}")
+            return
+        html = await database_sync_to_async(branch_frames.branch_frame)(
+            conversation=self.conversation, messages=outcome.kind == "messages"
+        )
+        await self.channel_layer.group_send(
+            self.conversation.group_name, {"type": "chat.html", "html": html}
+        )
+        if outcome.kind == "navigate":
+            await self.send(
+                text_data=await database_sync_to_async(branch_frames.branch_frame)(
+                    conversation=self.conversation, messages=False, location=outcome.location
+                )
+            )
+
+    async def _send_sidebar(self) -> None:
+        html = await database_sync_to_async(branch_frames.branch_frame)(
+            conversation=self.conversation, messages=False
+        )
+        await self.send(text_data=html)
+
+    async def _title_after_reply(self) -> None:
+        """Start the title once the first reply has ended (every tab asks; one starts it)."""
+        generation = await database_sync_to_async(services.title_start)(
+            conversation=self.conversation
+        )
+        if generation is not None:
+            self._title_codes.add(str(generation.code))
 
     async def _send_turn(self, message: SendMessage) -> None:
         try:
@@ -226,7 +284,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # delta touches no database, and that hop queues it behind the worker's text flushes
         # in the same thread: ~10 ms on every streamed token (docs/benchmarks.md).
         if message.get("type") == "generation.delta":
-            await self.generation_delta(message)
+            if message.get("code") not in self._title_codes:
+                await self.generation_delta(message)
             return
         await super().dispatch(message)
 
@@ -250,3 +309,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if reply is not None:
             await self.send(text_data=await database_sync_to_async(frames.reply_frame)(reply))
             await self._advance_tools(reply)
+            await self._title_after_reply()
+        elif event["code"] in self._title_codes:
+            # Every tab applies it (only the first changes the row) and shows the title.
+            await database_sync_to_async(services.title_apply)(conversation=self.conversation)
+            await self._send_sidebar()

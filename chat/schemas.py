@@ -112,18 +112,105 @@ class ToolDecision(_Incoming):
     decision: Literal["approve", "deny", "always"]
 
 
-def parse_message(content: dict[str, Any]) -> SendMessage | StopReply | ToolDecision:
+MessageCode = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+
+
+class _OnMessage(_Incoming):
+    """An action on one message of the conversation, named by its code."""
+
+    message: MessageCode
+
+
+class RegenerateReply(_OnMessage):
+    """Regenerate: a new version of a reply (a sibling), answering the same prompt; `model`
+    answers it with another model."""
+
+    type: Literal["regenerate"]
+    model: str | None = None
+
+
+class SwitchVersion(_OnMessage):
+    """The `< 2/3 >` arrows: show this version's branch down to its newest message."""
+
+    type: Literal["switch"]
+
+
+class EditMessage(_OnMessage):
+    """Edit a user message and resend it: a new version of it, with a new reply."""
+
+    type: Literal["edit"]
+    text: Annotated[StorableText, StringConstraints(max_length=100_000)]
+    model: str | None = None
+
+
+class DeleteMessage(_OnMessage):
+    """Delete a message and everything below it (the form is the confirmation)."""
+
+    type: Literal["delete"]
+
+
+class ForkConversation(_OnMessage):
+    """A new conversation carrying the path from the root down to this message."""
+
+    type: Literal["fork"]
+
+
+class ContinueReply(_OnMessage):
+    """Continue a reply that hit the token limit."""
+
+    type: Literal["continue"]
+
+
+class PinConversation(_Incoming):
+    """Pin or unpin the conversation (pinned ones come first in the list)."""
+
+    type: Literal["pin"]
+    pinned: Literal["on", "off"]
+
+
+class RenameConversation(_Incoming):
+    """Set the title; a generated title never replaces it afterwards."""
+
+    type: Literal["rename"]
+    title: Annotated[StorableText, StringConstraints(min_length=1, max_length=200)]
+
+
+BranchAction = (
+    RegenerateReply
+    | SwitchVersion
+    | EditMessage
+    | DeleteMessage
+    | ForkConversation
+    | ContinueReply
+    | PinConversation
+    | RenameConversation
+)
+
+_MESSAGE_TYPES: dict[str, type[_Incoming]] = {
+    "send": SendMessage,
+    "stop": StopReply,
+    "tool": ToolDecision,
+    "regenerate": RegenerateReply,
+    "switch": SwitchVersion,
+    "edit": EditMessage,
+    "delete": DeleteMessage,
+    "fork": ForkConversation,
+    "continue": ContinueReply,
+    "pin": PinConversation,
+    "rename": RenameConversation,
+}
+
+
+def parse_message(content: dict[str, Any]) -> SendMessage | StopReply | ToolDecision | BranchAction:
     """Validate one message; raises ValidationError, or ValueError for an unknown type."""
     # Empty option fields of the composer mean "use the default".
-    cleaned = {k: v if k == "text" else _blank_to_none(v) for k, v in content.items()}
+    cleaned = {k: v if k in ("text", "title") else _blank_to_none(v) for k, v in content.items()}
     kind = cleaned.get("type")
-    if kind == "send":
-        return SendMessage.model_validate(cleaned)
-    if kind == "stop":
-        return StopReply.model_validate(cleaned)
-    if kind == "tool":
-        return ToolDecision.model_validate(cleaned)
-    raise ValueError("unknown message type; expected 'send', 'stop' or 'tool'")
+    schema = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        expected = ", ".join(repr(name) for name in _MESSAGE_TYPES)
+        raise ValueError(f"unknown message type; expected one of {expected}")
+    return schema.model_validate(cleaned)  # type: ignore[return-value]
 
 
 def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:

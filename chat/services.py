@@ -6,16 +6,22 @@ import contextlib
 import functools
 import json
 import logging
+import re
+import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from chat import presets as chat_presets
 from chat.models import Conversation, Message, ToolStep
 from inference import services as inference
+from inference.catalogue import UnknownModel
 from inference.models import Generation
 from inference.schemas import ChatMessage
 from inference.tools.base import MAX_RESULT_CHARS, Tool, ToolContext
@@ -41,7 +47,15 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
     if not title:
         raise ChatError("A title cannot be empty.")
     conversation.title = title[:200]
-    conversation.save(update_fields=["title"])
+    conversation.title_edited = True  # a generated title never replaces the user's
+    conversation.save(update_fields=["title", "title_edited"])
+    return conversation
+
+
+def conversation_pin(*, conversation: Conversation, pinned: bool) -> Conversation:
+    """Pin (listed first, under "Pinned") or unpin a conversation."""
+    conversation.pinned = pinned
+    conversation.save(update_fields=["pinned"])
     return conversation
 
 
@@ -98,6 +112,75 @@ def _prompt_messages(conversation: Conversation, path: list[Message]) -> list[Ch
     return turns
 
 
+def _check_idle(conversation: Conversation) -> None:
+    """Refuse a new reply while one streams or a tool call waits (one reply at a time)."""
+    if Message.objects.filter(
+        conversation=conversation, generation__state__in=inference.ACTIVE_STATES
+    ).exists():
+        raise ChatError("Wait for the reply to finish, or stop it, before sending another.")
+    if ToolStep.objects.filter(
+        message__conversation=conversation, state__in=ToolStep.PENDING_STATES
+    ).exists():
+        raise ChatError("A tool call waits for you: approve or deny it, or stop the reply.")
+
+
+def _start_reply(
+    conversation: Conversation,
+    user_message: Message,
+    *,
+    model_id: str,
+    params: dict[str, Any] | None,
+) -> Message:
+    """Start the reply to `user_message`, whose parent is the reply it follows (or None): the
+    prompt is that reply's prompt and text plus this turn, so it is the path from the root."""
+    # The conversation's sticky settings (its preset, its own values), then this turn's.
+    sticky = chat_presets.generation_settings(conversation)
+    generation_params = inference.generation_params(
+        model_id=model_id,
+        overrides={**sticky.sampling, **(params or {}), **_tool_overrides(conversation)},
+    )
+    last = (
+        Message.objects.select_related("generation").get(pk=user_message.parent_id)
+        if user_message.parent_id is not None
+        else None
+    )
+    turn = [ChatMessage(role="user", content=user_message.content)]
+    previous = last.generation if last is not None else None
+    if last is not None and (
+        previous is None or previous.prompt_id is None or previous.is_active
+    ):
+        # Nothing recorded to continue from (the reply's row is gone): send every turn.
+        previous = None
+        turn = _prompt_messages(conversation, conversation_path(conversation, leaf=user_message))
+    system = chat_presets.system_turns(
+        conversation, sticky, model_id=model_id, previous=previous
+    )
+    if system is not None:  # a new prompt, or a changed system prompt: start from the root
+        if previous is not None:
+            previous = None
+            turn = _prompt_messages(
+                conversation, conversation_path(conversation, leaf=user_message)
+            )
+        turn = [*system, *turn]
+    try:
+        generation = inference.generation_create(
+            model_id=model_id,
+            messages=turn,
+            previous=previous,
+            params=generation_params,
+            user=conversation.user,
+            notify_group=conversation.group_name,
+        )
+    except inference.GenerationLimitReached as e:
+        raise ChatError(str(e)) from e
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        generation=generation,
+        parent=user_message,
+    )
+
+
 @transaction.atomic
 def message_send(
     *,
@@ -117,53 +200,18 @@ def message_send(
     if not text:
         raise ChatError("Write a message first.")
     conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
-    if Message.objects.filter(
-        conversation=conversation, generation__state__in=inference.ACTIVE_STATES
-    ).exists():
-        raise ChatError("Wait for the reply to finish, or stop it, before sending another.")
-    if ToolStep.objects.filter(
-        message__conversation=conversation, state__in=ToolStep.PENDING_STATES
-    ).exists():
-        raise ChatError("A tool call waits for you: approve or deny it, or stop the reply.")
+    _check_idle(conversation)
     if tools is not None and tools != conversation.tools_enabled:
         conversation.tools_enabled = tools
         conversation.save(update_fields=["tools_enabled"])
     model_id = model_id or conversation.model_id
-    generation_params = inference.generation_params(
-        model_id=model_id, overrides={**(params or {}), **_tool_overrides(conversation)}
-    )
-
-    last = (
-        Message.objects.select_related("generation").get(pk=conversation.leaf_id)
-        if conversation.leaf_id is not None
-        else None
-    )
     user_message = Message.objects.create(
-        conversation=conversation, role=Message.Role.USER, content=text, parent=last
-    )
-    turn = [ChatMessage(role="user", content=text)]
-    previous = last.generation if last is not None else None
-    if last is not None and (previous is None or previous.prompt_id is None):
-        # Nothing recorded to continue from (the reply's row is gone): send every turn.
-        previous = None
-        turn = _prompt_messages(conversation, conversation_path(conversation, leaf=user_message))
-    try:
-        generation = inference.generation_create(
-            model_id=model_id,
-            messages=turn,
-            previous=previous,
-            params=generation_params,
-            user=conversation.user,
-            notify_group=conversation.group_name,
-        )
-    except inference.GenerationLimitReached as e:
-        raise ChatError(str(e)) from e
-    reply = Message.objects.create(
         conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        generation=generation,
-        parent=user_message,
+        role=Message.Role.USER,
+        content=text,
+        parent_id=conversation.leaf_id,
     )
+    reply = _start_reply(conversation, user_message, model_id=model_id, params=params)
     updates = {"updated_at": timezone.now(), "model_id": model_id, "leaf": reply}
     if conversation.title == Conversation._meta.get_field("title").default:
         first_line = " ".join(text.split())
@@ -202,7 +250,9 @@ def conversation_import(
     conversation.title = (
         first_line[:TITLE_LENGTH] + "…" if len(first_line) > TITLE_LENGTH else first_line
     ) or conversation.title
-    conversation.save(update_fields=["title"])
+    # The system prompt sticks, as one set in the side panel would (chat.presets).
+    conversation.system_prompt = system[0].content if system else ""
+    conversation.save(update_fields=["title", "system_prompt"])
     previous = None
     parent: Message | None = None
     pending: list[ChatMessage] = list(system)
@@ -471,3 +521,448 @@ def tool_round_continue(*, reply: Message) -> Message | None:
         updated_at=timezone.now(), leaf=message
     )
     return message
+
+
+# --- branches (issue 9) ---------------------------------------------------------------------
+# Messages form a tree: the versions of a turn (regenerated replies, edited user messages) are
+# siblings, and `Conversation.leaf` is the last message of the branch shown. Every reply's
+# prompt is the path from the root down to it.
+
+
+def _message_for(conversation: Conversation, code: str) -> Message:
+    """The conversation's message with this code; ChatError for anything else."""
+    try:
+        message = (
+            Message.objects.select_related("generation")
+            .filter(conversation=conversation, code=code)
+            .first()
+        )
+    except ValidationError:  # not a UUID
+        message = None
+    if message is None:
+        raise ChatError("No such message in this conversation.")
+    return message
+
+
+def _children_by_parent(conversation: Conversation) -> dict[int | None, list[int]]:
+    children: dict[int | None, list[int]] = {}
+    for pk, parent_id in conversation.messages.order_by("id").values_list("id", "parent_id"):
+        children.setdefault(parent_id, []).append(pk)
+    return children
+
+
+def _subtree(children: dict[int | None, list[int]], root: int) -> set[int]:
+    """`root` and every message below it."""
+    found, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        found.add(node)
+        todo.extend(children.get(node, ()))
+    return found
+
+
+def newest_leaf(conversation: Conversation, message: Message) -> Message:
+    """The newest message at or below `message`: the end of the branch last added to. A
+    message's children are newer than it, so the newest of the subtree has none."""
+    newest = max(_subtree(_children_by_parent(conversation), message.pk))
+    return message if newest == message.pk else Message.objects.get(pk=newest)
+
+
+def branch_switch(*, conversation: Conversation, message_code: str) -> Message:
+    """Show the branch of this version (the `< 2/3 >` arrows): the conversation's leaf becomes
+    the newest message below it. Returns the new leaf."""
+    target = _message_for(conversation, message_code)
+    leaf = newest_leaf(conversation, target)
+    Conversation.objects.filter(pk=conversation.pk).update(leaf=leaf)
+    conversation.leaf = leaf
+    return leaf
+
+
+def _regenerate_params(
+    conversation: Conversation, old: Generation | None, model_id: str
+) -> dict[str, Any]:
+    # The old reply's settings, when answering with the same model; its seed is left out (a
+    # fixed seed would write the same text again) and the tools are the conversation's now.
+    if old is None or old.model_id != model_id:
+        return {}
+    dropped = ("tools", "tool_choice", "seed")
+    return {k: v for k, v in old.params.items() if k not in dropped}
+
+
+@transaction.atomic
+def message_regenerate(
+    *,
+    conversation: Conversation,
+    message_code: str,
+    model_id: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> Message:
+    """A new version of a reply: a sibling assistant message answering exactly the same prompt
+    node, shown from now on. `model_id` / `params` answer it with another model or settings.
+    Raises ChatError (a user message, a reply still running, one without a prompt)."""
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    target = _message_for(conversation, message_code)
+    if target.role != Message.Role.ASSISTANT:
+        raise ChatError("Only a reply can be regenerated; edit a message of yours instead.")
+    _check_idle(conversation)
+    old = target.generation
+    model_id = model_id or (old.model_id if old is not None else conversation.model_id)
+    overrides = {**_regenerate_params(conversation, old, model_id), **(params or {})}
+    if old is not None and old.prompt_id is not None:
+        generation_params = inference.generation_params(
+            model_id=model_id, overrides={**overrides, **_tool_overrides(conversation)}
+        )
+        try:
+            generation = inference.generation_create(
+                model_id=model_id,
+                messages=[],
+                prompt=old.prompt,
+                params=generation_params,
+                user=conversation.user,
+                notify_group=conversation.group_name,
+            )
+        except inference.GenerationLimitReached as e:
+            raise ChatError(str(e)) from e
+        reply = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            generation=generation,
+            parent_id=target.parent_id,
+        )
+    elif target.parent is not None and target.parent.role == Message.Role.USER:
+        reply = _start_reply(conversation, target.parent, model_id=model_id, params=overrides)
+    else:
+        raise ChatError("This reply cannot be regenerated: its prompt is gone.")
+    Conversation.objects.filter(pk=conversation.pk).update(
+        leaf=reply, updated_at=timezone.now(), model_id=model_id
+    )
+    return reply
+
+
+@transaction.atomic
+def message_edit(
+    *,
+    conversation: Conversation,
+    message_code: str,
+    text: str,
+    model_id: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> tuple[Message, Message]:
+    """Edit a user message and resend it: a new version of it (a sibling, the old one stays)
+    with a new reply, shown from now on. Returns (user message, reply)."""
+    text = text.strip()
+    if not text:
+        raise ChatError("Write a message first.")
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    target = _message_for(conversation, message_code)
+    if target.role != Message.Role.USER:
+        raise ChatError("Only your own messages can be edited; regenerate a reply instead.")
+    _check_idle(conversation)
+    model_id = model_id or conversation.model_id
+    user_message = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.USER,
+        content=text,
+        parent_id=target.parent_id,
+    )
+    reply = _start_reply(conversation, user_message, model_id=model_id, params=params)
+    Conversation.objects.filter(pk=conversation.pk).update(
+        leaf=reply, updated_at=timezone.now(), model_id=model_id
+    )
+    return user_message, reply
+
+
+@transaction.atomic
+def message_delete(*, conversation: Conversation, message_code: str) -> int:
+    """Delete a message and everything below it; replies running there are stopped first and
+    their tool calls end. When the branch shown goes, the leaf moves to the newest message left
+    under the same parent (or anywhere). Returns how many messages went."""
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    target = _message_for(conversation, message_code)
+    children = _children_by_parent(conversation)
+    doomed = _subtree(children, target.pk)
+    for message in Message.objects.select_related("generation").filter(
+        pk__in=doomed, generation__state__in=inference.ACTIVE_STATES
+    ):
+        assert message.generation is not None
+        inference.generation_stop(generation=message.generation)
+    ToolStep.objects.filter(message_id__in=doomed, state__in=ToolStep.PENDING_STATES).update(
+        state=ToolStep.State.STOPPED, result="stopped", finished_at=timezone.now()
+    )
+    leaf_id = conversation.leaf_id
+    if leaf_id is None or leaf_id in doomed:
+        if target.parent_id is not None:
+            left = _subtree(children, target.parent_id) - doomed
+        else:
+            left = {pk for pks in children.values() for pk in pks} - doomed
+        leaf_id = max(left, default=None)
+    Message.objects.filter(pk__in=doomed).delete()
+    Conversation.objects.filter(pk=conversation.pk).update(leaf_id=leaf_id)
+    conversation.leaf_id = leaf_id
+    return len(doomed)
+
+
+def _copy_tool_files(step: ToolStep, source: Path, target: Path) -> list[dict[str, str]]:
+    # A copied step's files are copied into the fork's workspace, since the file view serves
+    # only files inside the conversation's own one; a file that is gone or outside is dropped.
+    copied = []
+    for record in step.files if isinstance(step.files, list) else []:
+        try:
+            path = Path(str(record.get("path", ""))).resolve(strict=True)
+            relative = path.relative_to(source)
+        except (OSError, RuntimeError, ValueError, AttributeError):
+            continue
+        if not path.is_file():
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        copied.append({**record, "path": str(destination)})
+    return copied
+
+
+@transaction.atomic
+def conversation_fork(*, conversation: Conversation, message_code: str) -> Conversation:
+    """A new conversation carrying the path from the root down to this message: copies of the
+    messages, their replies and tool steps, with the conversation's settings. The original is
+    untouched. Forked at a user message, the fork starts a reply to it."""
+    target = _message_for(conversation, message_code)
+    path = conversation_path(conversation, leaf=target)
+    if any(m.generation is not None and m.generation.is_active for m in path):
+        raise ChatError("Wait for the reply to finish, or stop it, before forking from it.")
+    fork = Conversation.objects.create(
+        user_id=conversation.user_id,
+        model_id=conversation.model_id,
+        title=f"{conversation.title} (fork)"[:200],
+        # Named after the original on purpose: no generated title replaces it.
+        title_edited=True,
+        tools_enabled=conversation.tools_enabled,
+        allowed_tools=list(conversation.allowed_tools),
+        preset=conversation.preset,
+        system_prompt=conversation.system_prompt,
+        params=dict(conversation.params),
+    )
+    source_workspace: Path | None = None
+    parent: Message | None = None
+    for message in path:
+        generation = None
+        if message.generation is not None:
+            generation = inference.generation_copy(
+                generation=message.generation, user=conversation.user
+            )
+        parent = Message.objects.create(
+            conversation=fork,
+            role=message.role,
+            parent=parent,
+            content=message.content,
+            generation=generation,
+            created_at=message.created_at,
+        )
+        for step in message.tool_steps.all():
+            if step.files and source_workspace is None:
+                source_workspace = workspace_for(conversation).resolve()
+            files = (
+                _copy_tool_files(step, source_workspace, workspace_for(fork).resolve())
+                if source_workspace is not None and step.files
+                else []
+            )
+            ToolStep.objects.create(
+                message=parent,
+                call_id=step.call_id,
+                name=step.name,
+                arguments=step.arguments,
+                mutating=step.mutating,
+                state=step.state,
+                ok=step.ok,
+                result=step.result,
+                data=step.data,
+                files=files,
+                created_at=step.created_at,
+                finished_at=step.finished_at,
+            )
+    if parent is not None and parent.role == Message.Role.USER:
+        parent = _start_reply(fork, parent, model_id=fork.model_id, params=None)
+    fork.leaf = parent
+    fork.save(update_fields=["leaf"])
+    return fork
+
+
+# --- titles (issue 9) -----------------------------------------------------------------------
+# Once the first exchange's reply has ended, the same model writes a title at batch priority
+# (it never delays a reply). The title generation is found by its notify group, which is the
+# conversation's own plus ".title": every open tab hears its end there and applies it; with no
+# tab open, the next page that lists the conversation applies it (`titles_apply_pending`).
+
+TITLE_MAX_TOKENS = 24
+TITLE_EXCHANGE_CHARS = 1500
+# An interrupted title generation (the worker went away) is tried again, this many in all.
+TITLE_ATTEMPTS = 3
+TITLE_INSTRUCTION = (
+    "Write a short title (3 to 6 words) for the conversation below. Answer with the title "
+    "only: no quotes, no explanation.\n\n"
+)
+_TITLE_PREFIX = re.compile(r"^\s*(title|titre|titel)\s*[:：-]\s*", re.IGNORECASE)
+_THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+
+
+def title_group(conversation: Conversation) -> str:
+    """The notify group of the conversation's title generation (a valid Channels group)."""
+    return f"{conversation.group_name}.title"
+
+
+def title_generation(conversation: Conversation) -> Generation | None:
+    """The conversation's latest title generation, if any."""
+    return (
+        Generation.objects.filter(notify_group=title_group(conversation)).order_by("-id").first()
+    )
+
+
+def title_from_text(text: str) -> str:
+    """A model's answer as a title: its first line without a "Title:" prefix, quotes, markdown
+    emphasis or a final full stop; at most TITLE_LENGTH characters. Empty when nothing is
+    left."""
+    text = _THINKING.sub("", text)
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    line = _TITLE_PREFIX.sub("", line)
+    line = " ".join(line.strip().strip("*#_`\"'“”‘’«» ").split())
+    line = line.rstrip(".。!;:,").strip()
+    if len(line) > TITLE_LENGTH:
+        line = line[:TITLE_LENGTH].rsplit(" ", 1)[0] + "…"
+    return line
+
+
+@transaction.atomic
+def title_start(*, conversation: Conversation) -> Generation | None:
+    """Start the title generation once the first exchange's reply has ended (once: later calls
+    return the same generation). None when no title is due: the user set one, there is no
+    ended first reply yet, or the server is too busy now (tried again at the next reply's end
+    or the next visit)."""
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if conversation.title_edited:
+        return None
+    attempts = list(
+        Generation.objects.filter(notify_group=title_group(conversation)).order_by("-id")
+    )
+    if attempts and (
+        attempts[0].state != Generation.State.INTERRUPTED or len(attempts) >= TITLE_ATTEMPTS
+    ):
+        return attempts[0]
+    first = (
+        conversation.messages.filter(parent__isnull=True, role=Message.Role.USER)
+        .order_by("id")
+        .first()
+    )
+    reply = (
+        first.children.select_related("generation").order_by("id").first()
+        if first is not None
+        else None
+    )
+    if first is None or reply is None or reply.generation is None or reply.generation.is_active:
+        return None
+    answer = reply.generation.content or reply.generation.text
+    exchange = (
+        f"User: {first.content[:TITLE_EXCHANGE_CHARS]}\n\n"
+        f"Assistant: {answer[:TITLE_EXCHANGE_CHARS]}"
+    )
+    model_id = reply.generation.model_id
+    try:
+        params = inference.generation_params(
+            model_id=model_id, overrides={"temperature": 0.2, "max_tokens": TITLE_MAX_TOKENS}
+        )
+        return inference.generation_create(
+            model_id=model_id,
+            messages=[ChatMessage(role="user", content=TITLE_INSTRUCTION + exchange)],
+            params=params,
+            user=conversation.user,
+            notify_group=title_group(conversation),
+            priority="batch",
+        )
+    except (
+        inference.GenerationLimitReached,
+        inference.GenerationQueueFull,
+        inference.NotAGenerationModel,
+        UnknownModel,
+    ) as e:
+        logger.info("no title for conversation %s now: %s", conversation.code, e)
+        return None
+
+
+def title_apply(*, conversation: Conversation) -> bool:
+    """Apply the finished title generation, unless the user set the title. Returns whether the
+    title changed (idempotent: every tab and the sidebar may call it)."""
+    generation = title_generation(conversation)
+    if generation is None or generation.state != Generation.State.COMPLETE:
+        return False
+    title = title_from_text(generation.content or generation.text)
+    if not title:
+        return False
+    changed = (
+        Conversation.objects.filter(pk=conversation.pk, title_edited=False)
+        .exclude(title=title)
+        .update(title=title)
+    )
+    if changed:
+        conversation.title = title
+    return bool(changed)
+
+
+# Title generations end within minutes of the conversation's last change; looking further
+# back would only re-read titles already applied.
+TITLE_PENDING_WINDOW = timedelta(days=1)
+
+
+def titles_apply_pending(*, user: AbstractBaseUser) -> int:
+    """Apply the titles that finished while no tab of their conversation was open (the page
+    calls it before listing conversations). Returns how many changed."""
+    recent = Conversation.objects.filter(
+        user_id=user.pk,
+        title_edited=False,
+        updated_at__gte=timezone.now() - TITLE_PENDING_WINDOW,
+    )
+    groups = {title_group(c): c for c in recent.only("id", "code", "title")}
+    if not groups:
+        return 0
+    finished = Generation.objects.filter(
+        notify_group__in=list(groups), state=Generation.State.COMPLETE
+    ).order_by("id")
+    latest = {g.notify_group: g for g in finished.only("notify_group", "text", "content")}
+    changed = 0
+    for group, generation in latest.items():
+        conversation = groups[group]
+        title = title_from_text(generation.content or generation.text)
+        if title and title != conversation.title:
+            changed += Conversation.objects.filter(pk=conversation.pk, title_edited=False).update(
+                title=title
+            )
+    return changed
+
+
+@transaction.atomic
+def message_continue(*, conversation: Conversation, message_code: str) -> Message:
+    """Continue a reply that hit the token limit: a new version of it (a sibling) whose text is
+    the old text and what the model writes after it, answering the same prompt. The old
+    version stays. Raises ChatError when the reply cannot be continued."""
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    target = _message_for(conversation, message_code)
+    generation = target.generation
+    if target.role != Message.Role.ASSISTANT or generation is None:
+        raise ChatError("Only a reply can be continued.")
+    if generation.finish_reason != Generation.FinishReason.MAX_TOKENS:
+        raise ChatError("Only a reply that hit the token limit can be continued.")
+    _check_idle(conversation)
+    try:
+        continued = inference.generation_continue(
+            generation=generation, user=conversation.user, notify_group=conversation.group_name
+        )
+    except inference.NotContinuable as e:
+        raise ChatError(f"This reply cannot be continued: {e}.") from e
+    except inference.GenerationLimitReached as e:
+        raise ChatError(str(e)) from e
+    reply = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        generation=continued,
+        parent_id=target.parent_id,
+    )
+    Conversation.objects.filter(pk=conversation.pk).update(leaf=reply, updated_at=timezone.now())
+    return reply

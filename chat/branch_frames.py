@@ -1,0 +1,28 @@
+"""Websocket frames of the branch actions: the branch shown, the sidebar, a page to open.
+
+Rendered from the page's own partials (templates/chat/parts/), like chat.frames.
+"""
+
+from __future__ import annotations
+
+from django.template.loader import render_to_string
+
+from chat import services
+from chat.models import Conversation
+
+TEMPLATE = "chat/parts/branch_frame.html"
+
+
+def branch_frame(*, conversation: Conversation, messages: bool = True, location: str = "") -> str:
+    """The sidebar and the thread header, out of band; with `messages`, the whole list (the
+    path to the conversation's leaf) replaces the tab's; with `location`, a link the page's
+    script follows (a forked conversation opens in the tab that asked for it)."""
+    conversation.refresh_from_db()
+    context = {
+        "conversation": conversation,
+        "conversations": Conversation.objects.filter(user_id=conversation.user_id),
+        "chat_messages": services.conversation_path(conversation) if messages else [],
+        "messages_frame": messages,
+        "location": location,
+    }
+    return render_to_string(TEMPLATE, context)
