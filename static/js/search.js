@@ -1,6 +1,7 @@
 // The sidebar's search box (templates/chat/parts/search_box.html): the results arrive through
-// htmx as you type; here only the keyboard: Ctrl+K focuses the box, ArrowDown/ArrowUp move
-// between the box and the results, Esc empties the results and returns to the box.
+// htmx as you type; here only the keyboard inside it: ArrowDown/ArrowUp move between the box and
+// the results, Esc empties the results and returns to the box. (Ctrl+K and "/" focus the box:
+// static/js/chat.js, with the other shortcuts.)
 (function () {
   "use strict";
 
@@ -13,12 +14,6 @@
   document.addEventListener("keydown", function (event) {
     var input = box();
     if (!input) { return; }
-    if ((event.ctrlKey || event.metaKey) && !event.altKey && event.key.toLowerCase() === "k") {
-      event.preventDefault();
-      input.focus();
-      input.select();
-      return;
-    }
     var active = document.activeElement;
     var items = links();
     var index = items.indexOf(active);
