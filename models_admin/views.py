@@ -120,6 +120,8 @@ def index(request: HttpRequest) -> HttpResponse:
         "exportable_types": services.EXPORTABLE_MODEL_TYPES,
         "import_roots": services.import_roots(),
         "max_upload_bytes": settings.MLXWEB_MAX_UPLOAD_BYTES,
+        # What the inference workers hold in memory, and the jobs sharing the budget.
+        "memory": services.memory_overview(),
     }
     return render(request, "models_admin/index.html", context)
 

@@ -10,15 +10,21 @@ A kind is one service function, registered with `@job_kind(...)` (one module eac
 The function gets the job's params as keyword arguments plus `progress`, reports through it,
 raises `JobError` with a message for people, and returns the job's result (JSON-serialisable).
 The Celery task, the job page, cancel and retry work for every registered kind unchanged.
+
+A heavy kind holds its share of the machine's memory budget (inference.memory) while it runs:
+`memory_factor` times the size of its `source` on disk. It waits, its step saying "waiting for
+memory", while the loaded models and the other jobs leave it no room; the engine unloads idle
+models for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -67,6 +73,8 @@ class JobKind:
     # Memory-heavy kinds (loading whole models) go to a queue served one job at a time.
     heavy: bool
     describe: Callable[[dict[str, Any]], str]
+    # The memory it holds while it runs, as a multiple of its source's size (0: none).
+    memory_factor: float = 0.0
 
     @property
     def queue(self) -> str:
@@ -74,17 +82,31 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
+DEFAULT_HEAVY_MEMORY_FACTOR = 2.0
 
 
 def job_kind(
-    name: str, *, heavy: bool, describe: Callable[[dict[str, Any]], str]
+    name: str,
+    *,
+    heavy: bool,
+    describe: Callable[[dict[str, Any]], str],
+    memory_factor: float | None = None,
 ) -> Callable[[RunFunction], RunFunction]:
-    """Register the decorated service function as the runner of jobs of kind `name`."""
+    """Register the decorated service function as the runner of jobs of kind `name`.
+
+    `memory_factor`: the share of the memory budget the job holds while it runs, as a multiple
+    of its `source` param's size on disk; left out, 2 for heavy kinds (a model loaded and the one
+    being written) and none for the others."""
+    factor = (
+        (DEFAULT_HEAVY_MEMORY_FACTOR if heavy else 0.0) if memory_factor is None else memory_factor
+    )
 
     def register(run: RunFunction) -> RunFunction:
         if name in _KINDS and _KINDS[name].run is not run:
             raise ValueError(f"job kind {name!r} is already registered")
-        _KINDS[name] = JobKind(name=name, run=run, heavy=heavy, describe=describe)
+        _KINDS[name] = JobKind(
+            name=name, run=run, heavy=heavy, describe=describe, memory_factor=factor
+        )
         return run
 
     return register
@@ -201,7 +223,9 @@ def job_run(
             interval=interval or progress_module.FLUSH_INTERVAL_SECONDS,
         ):
             progress.check_cancelled()
-            result = get_job_kind(job.kind).run(progress=progress, **job.params) or {}
+            kind = get_job_kind(job.kind)
+            with job_memory(kind=kind, job=job, progress=progress):
+                result = kind.run(progress=progress, **job.params) or {}
             state = ModelJob.State.SUCCEEDED
     except JobCancelled:
         state = ModelJob.State.CANCELLED
@@ -246,6 +270,70 @@ def job_run(
     if interrupted is not None:
         raise interrupted
     return job
+
+
+def job_memory_bytes(*, kind: JobKind, params: dict[str, Any]) -> int:
+    """The memory a job of `kind` holds while it runs: `memory_factor` times its source's size
+    on disk (a GGUF file, or a folder's safetensors); 0 if it has none or it cannot be read (the
+    kind itself then says what is wrong with the source)."""
+    from inference.memory import weights_bytes_on_disk
+
+    source = params.get("source")
+    if kind.memory_factor <= 0 or not isinstance(source, str) or not source:
+        return 0
+    try:
+        return int(kind.memory_factor * weights_bytes_on_disk(Path(source)))
+    except (OSError, ValueError):
+        return 0
+
+
+@contextlib.contextmanager
+def job_memory(*, kind: JobKind, job: ModelJob, progress: JobProgress) -> Iterator[None]:
+    """Hold the job's share of the memory budget for the block, waiting (its step says so, and
+    it may be cancelled) while it does not fit; JobError if it never could."""
+    from inference.memory import (
+        NotEnoughMemory,
+        ReservationTable,
+        configured_budget,
+        configured_table_path,
+        gib,
+        reserved,
+    )
+
+    nbytes = job_memory_bytes(kind=kind, params=job.params)
+    if nbytes <= 0:
+        yield
+        return
+    budget = configured_budget()
+    waited = False
+
+    def on_wait(free: int) -> None:
+        nonlocal waited
+        text = (
+            f"waiting for memory: needs about {gib(nbytes)}, {gib(free)} of {gib(budget)} "
+            "free (loaded models and other jobs hold the rest)"
+        )
+        if waited:
+            progress.set_step_text(text)
+        else:
+            progress.step(text)
+        waited = True
+
+    table = ReservationTable(configured_table_path())
+    try:
+        with reserved(
+            table,
+            nbytes=nbytes,
+            budget=budget,
+            what=job.title or job.kind,
+            on_wait=on_wait,
+            check=progress.check_cancelled,
+        ):
+            if waited:
+                progress.log("memory reserved; starting")
+            yield
+    except NotEnoughMemory as e:
+        raise JobError(str(e)) from e
 
 
 def job_reap_dead(*, worker: str | None = None) -> int:

@@ -67,7 +67,8 @@ class _ImportProgress:
         return self.job.cancelled
 
 
-@job_kind("import_gguf", heavy=True, describe=_describe_import)
+# K-quant tensors are dequantized to floats before they are stored or re-quantized.
+@job_kind("import_gguf", heavy=True, describe=_describe_import, memory_factor=3.0)
 def model_import_gguf(
     *,
     source: str,

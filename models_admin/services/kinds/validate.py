@@ -57,7 +57,13 @@ def _describe_run(run: Any) -> str:
     return f"{run.label}: perplexity {run.perplexity:.2f}, {speed}, measured in {run.seconds:.0f} s"
 
 
-@job_kind("validate", heavy=True, describe=lambda p: f"Validate {display_name(p['source'])}")
+# Two models in memory (the one made here and its source), computed in float32 on the CPU.
+@job_kind(
+    "validate",
+    heavy=True,
+    describe=lambda p: f"Validate {display_name(p['source'])}",
+    memory_factor=4.0,
+)
 def model_validate(*, source: str, progress: JobProgress, n_tokens: int = 32) -> dict[str, Any]:
     """Compare a model made here with the source it was made from: the same prompts answered
     greedily (share of identical tokens over the first `n_tokens`), a short text's perplexity
