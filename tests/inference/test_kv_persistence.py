@@ -291,3 +291,28 @@ def test_the_store_keeps_compact_evaluated_copies(tmp_path: Path) -> None:
     # The whole prompt kept: one token is given back to produce the first logits.
     whole = store.fetch(list(range(40)))
     assert whole.rest == [39] and whole.cache is not None and whole.cache[0].offset == 39
+
+
+def test_a_kept_cache_does_not_hold_on_to_the_batch_buffer_it_came_from() -> None:
+    """What the generator hands over is a lazy slice of the whole batch's KV buffer; kept as
+    it is, it would keep that buffer (every sequence's keys and values) alive."""
+    import gc
+
+    gc.collect()
+    before = mx.get_active_memory()
+    batch_keys = mx.ones((8, 4, 2048, 64))  # 16 MiB each: a batch of 8 sequences
+    batch_values = mx.ones((8, 4, 2048, 64))
+    mx.eval(batch_keys, batch_values)
+    layer = KVCache()
+    layer.keys = mx.contiguous(batch_keys[2:3, :, :100])  # as BatchKVCache.extract does
+    layer.values = mx.contiguous(batch_values[2:3, :, :100])
+    layer.offset = 100
+    store = PromptCacheStore("k", KVCacheSettings(max_entries=4))
+    store.insert(list(range(100)), [layer])
+    del batch_keys, batch_values, layer
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert held < 2 * 2**20, f"{held} bytes still held"  # the 200 KB kept, not the 32 MiB
+    hit = store.fetch([*range(100), 5])
+    assert hit.cache is not None and hit.cache[0].keys.shape == (1, 4, 100, 64)
+    assert mx.all(hit.cache[0].keys == 1).item()
