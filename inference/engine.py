@@ -318,7 +318,8 @@ class _Active:
     batch_tokens: int = 0  # tokens the generator gave since it took the request
     plain: bool = False  # no logits processors, no seed: may move from the batch to solo
     prefill_chunks: int = 0
-    spec_steps: int = 0
+    spec_steps: int = 0  # with and without the draft
+    spec_rounds: int = 0  # with it
     spec_drafted: int = 0
     spec_accepted: int = 0
     spec_tokens: int = 0
@@ -1679,13 +1680,12 @@ class Engine:
                 elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
             )
         else:
-            active.spec_steps += 1
+            active.spec_rounds += 1
             active.spec_drafted += k
             active.spec_accepted += accepted
             active.spec_tokens += emitted
             active.spec_s += elapsed
-        if k == 0:
-            active.spec_steps += 1
+        active.spec_steps += 1
 
     def _details(self, active: _Active) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -1701,7 +1701,7 @@ class Engine:
                 "drafted": active.spec_drafted,
                 "accepted": active.spec_accepted,
                 "acceptance_rate": round(active.spec_accepted / active.spec_drafted, 4),
-                "tokens_per_step": round(active.spec_tokens / max(1, active.spec_steps), 3),
+                "tokens_per_step": round(active.spec_tokens / max(1, active.spec_rounds), 3),
                 # Against a plain one-stream step of the same model, measured now and then
                 # (SPEC_BASELINE_EVERY); None until one was.
                 "speedup": (

@@ -1,0 +1,228 @@
+"""The engine's scheduler on the tiny real model: chunked prefill between decode steps,
+max_batch_tokens, priorities, and the one-stream path against the batch path."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference.catalogue import Catalogue
+from inference.engine import Delta, Engine, EngineEvent, Finished, GenerationRequest
+from inference.schemas import GenerationParams
+from mlxweb.config import Config, ServerConfig
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+_ids = itertools.count()
+SHORT = [{"role": "user", "content": "Say hi."}]
+# Words the tokenizer keeps as single tokens: about 4 tokens a repeat.
+LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 120
+
+
+class Recorder:
+    def __init__(self, log: list[tuple[str, EngineEvent]] | None = None) -> None:
+        self.events: list[EngineEvent] = []
+        self.done = threading.Event()
+        self.log = log
+
+    def __call__(self, event: EngineEvent) -> None:
+        self.events.append(event)
+        if self.log is not None:
+            self.log.append((event.request_id, event))
+        if isinstance(event, Finished):
+            self.done.set()
+
+    def wait(self, timeout: float = 90) -> Recorder:
+        assert self.done.wait(timeout), f"no Finished within {timeout}s: {self.events[-3:]}"
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Delta))
+
+    @property
+    def deltas(self) -> int:
+        return sum(1 for e in self.events if isinstance(e, Delta))
+
+    @property
+    def finished(self) -> Finished:
+        (finished,) = [e for e in self.events if isinstance(e, Finished)]
+        return finished
+
+
+class RecordingModel:
+    """The model, recording the width of every call (prefill chunks are (1, n))."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.widths: list[int] = []
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        self.widths.append(int(inputs.shape[1]))
+        return self._model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**options: Any) -> Engine:
+        server = ServerConfig.model_validate({"default_model": "tiny"})
+        catalogue = Catalogue(Config(server=server, models={}), tiny_model_dir.parent)
+        options.setdefault("prompt_cache_entries", 0)  # every prompt prefills in full
+        engine = Engine(catalogue=catalogue, converted_dir=tmp_path / "converted", **options)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def ask(
+    engine: Engine,
+    messages: list[dict[str, Any]],
+    recorder: Recorder,
+    *,
+    priority: str = "interactive",
+    **params: Any,
+) -> Recorder:
+    params = {"temperature": 0.0, "max_tokens": 8} | params
+    request = GenerationRequest(
+        f"sched-{next(_ids)}",
+        "tiny",
+        messages,
+        GenerationParams.model_validate(params),
+        priority=priority,
+    )
+    engine.submit(request, recorder)
+    return recorder
+
+
+def _first_delta(log: list[tuple[str, EngineEvent]], recorder: Recorder) -> int:
+    request_id = recorder.finished.request_id
+    return next(i for i, (rid, e) in enumerate(log) if rid == request_id and isinstance(e, Delta))
+
+
+def _started(recorder: Recorder) -> bool:
+    return bool(recorder.events)
+
+
+def test_a_long_prompt_does_not_hold_back_a_short_one(make_engine: Callable[..., Engine]) -> None:
+    # 16 tokens a step: the long prompt needs well over a hundred chunks.
+    engine = make_engine(max_batch_tokens=16)
+    engine.load("tiny")
+    log: list[tuple[str, EngineEvent]] = []
+    long = ask(engine, [{"role": "user", "content": LONG_TEXT}], Recorder(log), max_tokens=4)
+    wait_until(lambda: _started(long), timeout=30, what="the long request started")
+    short = ask(engine, SHORT, Recorder(log), max_tokens=4)
+    short.wait()
+    long.wait()
+    # Its first token came while the long prompt was still prefilling: before the long
+    # request's first token, which its last chunk gives.
+    assert _first_delta(log, short) < _first_delta(log, long)
+    assert short.finished.finish_reason == "max_tokens"
+    assert long.finished.finish_reason == "max_tokens"
+    assert long.finished.prompt_tokens > 500
+    assert long.finished.details["prefill_chunks"] >= long.finished.prompt_tokens // 16
+
+
+def test_chunks_stay_within_max_batch_tokens(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_batch_tokens=24)
+    engine.load("tiny")
+    slot = engine._slots["tiny"]
+    recording = RecordingModel(slot.loaded.model)
+    slot.loaded.model = recording  # type: ignore[assignment]
+    # Two streams decode while the long prompt prefills: its chunks leave room for their rows.
+    chats = [ask(engine, SHORT, Recorder(), max_tokens=400) for _ in range(2)]
+    wait_until(lambda: all(c.deltas >= 2 for c in chats), timeout=30, what="two streams")
+    long = ask(engine, [{"role": "user", "content": LONG_TEXT}], Recorder(), max_tokens=2)
+    long.wait()
+    for chat in chats:
+        engine.cancel(chat.events[0].request_id)
+        chat.wait()
+    chunks = [w for w in recording.widths if w > 1]
+    assert chunks, recording.widths
+    assert max(chunks) <= 24
+    prompt_tokens = long.finished.prompt_tokens
+    short_prompts = 2 * chats[0].finished.prompt_tokens
+    assert sum(recording.widths) >= prompt_tokens + short_prompts
+    # While both chats decoded, the long prompt's chunks took at most 24 - 2 tokens.
+    assert long.finished.details["prefill_chunks"] >= prompt_tokens // 22
+
+
+def test_interactive_requests_prefill_before_batch_ones(
+    make_engine: Callable[..., Engine],
+) -> None:
+    engine = make_engine(max_batch_tokens=16)
+    engine.load("tiny")
+    log: list[tuple[str, EngineEvent]] = []
+    background_text = "Summarize: " + "a title for this chat " * 40
+    interactive_text = "Please answer: " + "why is the sky blue at noon " * 60
+    background = ask(
+        engine, [{"role": "user", "content": background_text}], Recorder(log), priority="batch"
+    )
+    interactive = ask(engine, [{"role": "user", "content": interactive_text}], Recorder(log))
+    background.wait()
+    interactive.wait()
+    # The background prompt is shorter and came first, yet the interactive one was served
+    # first.
+    assert background.finished.prompt_tokens < interactive.finished.prompt_tokens
+    assert _first_delta(log, interactive) < _first_delta(log, background)
+
+
+def test_one_stream_and_the_batch_write_the_same_greedy_text(
+    make_engine: Callable[..., Engine],
+) -> None:
+    engine = make_engine()
+    story = [{"role": "user", "content": "Tell me a story."}]
+    alone = ask(engine, story, Recorder(), max_tokens=60).wait()
+    assert alone.finished.details["decode_path"] == "solo"
+
+    # It starts alone, a second request makes it join the batch mid-reply, and once that one
+    # ends it goes back to the solo path: the text is the same, token for token.
+    moved = ask(engine, story, Recorder(), max_tokens=60)
+    wait_until(lambda: moved.deltas >= 5, timeout=30, what="the first stream's tokens")
+    other = ask(engine, SHORT, Recorder(), max_tokens=10).wait()
+    moved.wait()
+    assert moved.finished.details["decode_path"].startswith("solo+batch")
+    assert moved.finished.completion_tokens == alone.finished.completion_tokens
+    assert moved.text == alone.text
+
+    # In the batch from its first token to its last.
+    first = ask(engine, SHORT, Recorder(), max_tokens=200)
+    wait_until(lambda: first.deltas >= 2, timeout=30, what="a stream")
+    batched = ask(engine, story, Recorder(), max_tokens=60).wait()
+    engine.cancel(first.finished.request_id if first.done.is_set() else first.events[0].request_id)
+    first.wait()
+    assert batched.finished.details["decode_path"] == "batch"
+    assert batched.text == alone.text
+    assert other.finished.finish_reason == "max_tokens"
+
+
+def test_a_solo_stream_keeps_its_logprobs_and_stop_strings(
+    make_engine: Callable[..., Engine],
+) -> None:
+    engine = make_engine()
+    story = [{"role": "user", "content": "Tell me a story."}]
+    plain = ask(engine, story, Recorder(), max_tokens=30).wait()
+    words = plain.text.split()
+    assert len(words) > 3
+    stop = words[3]
+    cut = ask(engine, story, Recorder(), max_tokens=30, stop=[stop]).wait()
+    assert cut.finished.finish_reason == "stop_string"
+    assert cut.text == plain.text[: plain.text.index(stop)]
+    scored = ask(engine, story, Recorder(), max_tokens=12, logprobs=True, top_logprobs=2).wait()
+    entries = [x for e in scored.events if isinstance(e, Delta) for x in (e.logprobs or [])]
+    assert len(entries) == 12
+    assert all(len(x["top_logprobs"]) == 2 and x["logprob"] <= 0 for x in entries)
