@@ -44,9 +44,8 @@ $$
 - [ ] answer it
 
 ```python
-print("a very long line that goes on" + " and on and on" * 30)
-```
 """
+REPLY += 'line = "a very long line that goes' + " on and on" * 30 + '"\n```\n'
 
 # Rows written the way the chat writes them: a path of user and assistant messages, the
 # conversation's leaf at its end, each reply with reasoning the worker split off.
@@ -69,7 +68,8 @@ for i in range(PAIRS):
     generation = Generation.objects.create(
         model_id=MODEL, state="complete", finish_reason="eos", completion_tokens=80,
         text="<think>" + reasoning + "</think>" + REPLY, reasoning=reasoning, content=REPLY,
-        first_token_at=now, finished_at=now + timedelta(seconds=20),
+        created_at=now - timedelta(seconds=1), first_token_at=now,
+        finished_at=now + timedelta(seconds=20),
     )
     parent = Message.objects.create(
         conversation=conversation, role="assistant", parent=parent, generation=generation
@@ -159,7 +159,7 @@ def _send(page: Page, text: str, max_tokens: int) -> None:
     if not page.locator("input[name=max_tokens]").is_visible():
         page.click("details.options summary")
     page.fill("input[name=max_tokens]", str(max_tokens))
-    box = page.locator("textarea[name=text]")
+    box = page.locator("#composer textarea[name=text]")
     box.fill(text)
     box.press("Enter")
 
@@ -234,25 +234,39 @@ def test_it_streams_markdown_stops_on_esc_and_announces_the_end(desk: Page, live
     # What shows is rendered markdown, not the raw text.
     expect(live.locator("p").first).to_be_attached()
     # A code fence and a list arriving mid-stream look right before the end: append them the
-    # way htmx appends a delta, as text to the hidden source.
-    page.evaluate(
+    # way htmx appends a delta, as text to the hidden source (again if the worker's snapshot,
+    # sent when the socket connects, replaced the live reply in between).
+    page.wait_for_function(
         """(text) => {
             const sources = document.querySelectorAll('.live .stream-source[id$="-text"]');
-            sources[sources.length - 1].append(document.createTextNode(text));
+            if (!sources.length) return false;
+            const source = sources[sources.length - 1];
+            if (!source.textContent.includes(text)) source.append(document.createTextNode(text));
+            const live = source.nextElementSibling;
+            const code = live.querySelector("pre code");
+            const items = [...live.querySelectorAll("ul > li")].map((li) => li.textContent);
+            return !!code && code.textContent === "x = 1\\n" && items.includes("first");
         }""",
-        "\n\n```\nx = 1\n```\n\n- first\n- second\n",
+        arg="\n\n```\nx = 1\n```\n\n- first\n- second\n\n",
+        timeout=30_000,
     )
-    expect(live.locator("pre code")).to_have_text("x = 1")
-    expect(live.locator("ul > li").first).to_have_text("first")
     # Esc stops it (focus in the message box, as it is after sending).
-    page.locator("textarea[name=text]").focus()
+    page.locator("#composer textarea[name=text]").focus()
     page.keyboard.press("Escape")
     reply = page.locator("article.assistant").last
     expect(reply.locator(".badge.stopped")).to_be_visible(timeout=30_000)
     expect(page.locator("#announcer")).to_have_text("Reply stopped.")
     assert page.locator("#messages").get_attribute("aria-live") is None
 
-    _send(page, "And a short one", max_tokens=4)
+    # A reply that ends by itself: a chat whose options (4 tokens at most) stick, and a second
+    # message sent over its socket, so this page sees the reply go from live to final.
+    page.goto(live_site.url + "/")
+    _send(page, "A short one", max_tokens=4)
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
+    expect(page.locator("article.assistant .body.md")).to_have_count(1, timeout=60_000)
+    box = page.locator("#composer textarea[name=text]")
+    box.fill("And another")
+    box.press("Enter")
     expect(page.locator("article.assistant .body.md")).to_have_count(2, timeout=60_000)
     expect(page.locator("#announcer")).to_have_text("Reply finished.")
 
@@ -323,7 +337,9 @@ def test_it_fits_a_phone_and_opens_the_drawer(
     browser, live_site, desk: Page, long_chat: str, errors: Errors, width: int
 ) -> None:  # type: ignore[no-untyped-def]
     context = browser.new_context(
-        viewport={"width": width, "height": 800}, storage_state=desk.context.storage_state()
+        viewport={"width": width, "height": 800},
+        storage_state=desk.context.storage_state(),
+        reduced_motion="reduce",  # the drawer opens without its slide
     )
     errors.watch(context)
     page = context.new_page()
