@@ -17,6 +17,7 @@ from django.conf import settings
 from pydantic import ValidationError
 
 from chat import branch_frames, frames, services
+from chat import presets as chat_presets
 from chat.branches import branch_action
 from chat.models import Conversation, Message, ToolStep
 from chat.schemas import (
@@ -190,6 +191,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except ValidationError as e:
             await self._error(f"Invalid options: {describe_error(e)}")
             return
+        # The composer's options stick: the composer frame below shows them again.
+        await database_sync_to_async(chat_presets.conversation_keep_options)(
+            conversation=self.conversation, message=message
+        )
         html = await database_sync_to_async(frames.turn_frame)(
             conversation=self.conversation, messages=[user_message, reply]
         )

@@ -394,3 +394,17 @@ def system_turns(
             return None
     text = settings.system_prompt(user=user, model=model_id)
     return [ChatMessage(role="system", content=text)] if text else []
+
+
+def conversation_keep_options(*, conversation: Conversation, message: Any) -> None:
+    """The composer's options stick (a chat.schemas.SendMessage that was sent): the option
+    fields it carried become the conversation's own values, a blank one clearing it. A
+    message without them (an API client's) changes nothing."""
+    carried = [name for name in SAMPLING_FIELDS if name in message.model_fields_set]
+    if not carried:
+        return
+    sent = message.sampling()
+    params = {k: v for k, v in (conversation.params or {}).items() if k not in carried}
+    params.update({k: v for k, v in sent.items() if k in carried})
+    conversation.params = params
+    Conversation.objects.filter(pk=conversation.pk).update(params=params)

@@ -28,6 +28,7 @@ from django_htmx.middleware import HtmxDetails
 from pydantic import ValidationError
 
 from chat import frames, services
+from chat import presets as chat_presets
 from chat.branches import branch_action
 from chat.forms import RenameForm, SignupForm
 from chat.models import Conversation, ToolStep
@@ -108,6 +109,8 @@ def _send(request: SignedInRequest, conversation: Conversation) -> bool:
             params=message.sampling(),
             tools=message.tools_enabled,
         )
+        # The composer's options stick to the conversation (chat.presets).
+        chat_presets.conversation_keep_options(conversation=conversation, message=message)
     except ValidationError as e:
         messages.error(request, f"Invalid message: {describe_error(e)}")
     except services.ChatError as e:

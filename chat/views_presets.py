@@ -151,6 +151,8 @@ def settings_form(
             initial[name] = "\n".join(value) if isinstance(value, list) else value
     form = SettingsForm(
         data,
+        # Prefixed: the composer on the same page has fields of the same names.
+        prefix="settings",
         initial=initial,
         inherited={name: source.value for name, source in current.inherited.items()},
         preset_names=chat_presets.Presets(conversation.user).names(),
@@ -175,6 +177,8 @@ def conversation_settings(request: SignedInRequest, code: UUID) -> HttpResponse:
     with the reason next to each bad field; a plain form post is redirected to the chat."""
     conversation = _get_conversation_for_user(request, code)
     if request.method == "GET":
+        if request.htmx:  # the page refreshes its panel after a send changed the values
+            return render(request, "chat/parts/settings_panel.html", panel_context(conversation))
         return render(request, "chat/presets_settings.html", panel_context(conversation))
     form, _ = settings_form(conversation, data=request.POST)
     status = 200
@@ -196,7 +200,8 @@ def conversation_settings(request: SignedInRequest, code: UUID) -> HttpResponse:
                 messages.success(request, "Settings saved.")
                 return redirect("chat:detail", code=conversation.code)
             context = panel_context(conversation)
-            context["saved"] = context["panel_open"] = True
+            # The composer's options show the saved values too (an out-of-band swap).
+            context["saved"] = context["panel_open"] = context["options_oob"] = True
             return render(request, "chat/parts/settings_panel.html", context)
     else:
         status = 400

@@ -9,7 +9,7 @@ from django import template
 from django.forms import BoundField
 
 from chat import presets as chat_presets
-from chat.forms import SettingsForm
+from chat.forms import SamplingFieldsForm, SettingsForm
 from chat.models import Conversation
 from inference.presets import SAMPLING_FIELDS
 
@@ -80,3 +80,32 @@ def thousands(value: Any) -> str:
         return f"{int(value):,}"
     except (TypeError, ValueError):
         return str(value)
+
+
+# The options the composer carries with each message (chat.schemas.SendMessage's fields).
+COMPOSER_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_tokens",
+    "seed",
+    "stop",
+)
+
+
+@register.simple_tag
+def composer_options_for(conversation: Conversation | None, selected_model: str = "") -> list[Any]:
+    """The composer's option fields: the conversation's own values, and as placeholders what
+    a blank field means (its preset's value or the model's default)."""
+    if conversation is not None:
+        current = chat_presets.conversation_settings(conversation)
+        inherited = {name: source.value for name, source in current.inherited.items()}
+        own = dict(conversation.params or {})
+    else:
+        inherited = chat_presets.sampling_defaults(selected_model) if selected_model else {}
+        own = {}
+    initial = {k: "\n".join(v) if isinstance(v, list) else v for k, v in own.items()}
+    form = SamplingFieldsForm(initial=initial, inherited=inherited)
+    return [form[name] for name in COMPOSER_FIELDS]

@@ -9,13 +9,28 @@
     if (meter && window.htmx) window.htmx.trigger(document.body, "meter-refresh");
   }
 
-  // A reply's final render (no live text left in it) means its token counts are in the row.
+  // The panel shows what a send saved (the composer's options stick): fetched again, kept
+  // open if it was.
+  function refreshPanel() {
+    const panel = document.getElementById("settings-panel");
+    const form = panel && panel.querySelector("form.settings-form");
+    if (!form || !window.htmx) return;
+    const wasOpen = panel.querySelector("details[open]") !== null;
+    window.htmx.ajax("GET", form.getAttribute("action"), {target: "#settings-panel", swap: "outerHTML"})
+      .then(function () {
+        const details = document.querySelector("#settings-panel details");
+        if (details && wasOpen) details.open = true;
+      });
+  }
+
   document.addEventListener("htmx:oobAfterSwap", function (event) {
     const target = event.detail && event.detail.target;
     if (!target || !target.classList) return;
+    // A reply's final render (no live text left in it): its token counts are in the row.
     if (target.classList.contains("assistant") && !target.querySelector(".streaming")) {
       refreshMeter();
     }
+    if (target.id === "composer") refreshPanel();
   });
 
   document.addEventListener("htmx:afterSwap", function (event) {

@@ -39,7 +39,9 @@ def conversation(owner: User, models_root: Path) -> Conversation:
 
 
 def _settings_post(**values: str) -> dict[str, str]:
-    return {"preset": "", "system_prompt": "", "tools": "off", **values}
+    """The side panel's fields (prefixed: the composer has fields of the same names)."""
+    fields = {"preset": "", "system_prompt": "", "tools": "off", **values}
+    return {f"settings-{name}": value for name, value in fields.items()}
 
 
 def _finish(
@@ -132,7 +134,7 @@ def test_a_bad_value_comes_back_next_to_its_field_and_nothing_is_saved(
         headers={"HX-Request": "true"},
     )
     body = response.content.decode()
-    assert 'id="id_temperature-error"' in body
+    assert 'id="id_settings-temperature-error"' in body
     assert "Temperature goes from 0 to 2; 3 is out of range." in body
     assert "Max tokens goes from 1 to 131072; 0 is out of range." in body
     assert "unknown placeholder {nope}" in body
@@ -371,3 +373,49 @@ def test_the_meter_of_a_new_conversation_says_nothing_is_cached(
     assert "nothing yet of 8,192 tokens" in body
     assert "Nothing cached (no reply yet in this conversation)" in body
     assert "No prefill speed measured yet" in body
+
+
+# --- the composer's options stick -------------------------------------------------------------
+
+
+def test_the_composers_options_stick_and_a_blank_one_clears(
+    owner_client: Client, conversation: Conversation
+) -> None:
+    url = reverse("chat:send", args=[conversation.code])
+    owner_client.post(url, {"text": "One", "temperature": "0.3", "seed": "5", "tools": "off"})
+    conversation.refresh_from_db()
+    assert conversation.params == {"temperature": 0.3, "seed": 5}
+    page = owner_client.get(reverse("chat:detail", args=[conversation.code])).content.decode()
+    assert '<input type="number" name="temperature" value="0.3"' in page
+    # The reply is still queued (no worker): end it so the next send is allowed.
+    Generation.objects.filter(state="queued").update(state="complete")
+    owner_client.post(url, {"text": "Two", "temperature": "", "seed": "5", "tools": "off"})
+    conversation.refresh_from_db()
+    assert conversation.params == {"seed": 5}
+
+
+def test_a_message_without_options_leaves_the_conversations_values(
+    conversation: Conversation,
+) -> None:
+    from chat.schemas import parse_message
+
+    conversation.params = {"temperature": 0.9}
+    conversation.save()
+    message = parse_message({"type": "send", "text": "hi"})
+    chat_presets.conversation_keep_options(conversation=conversation, message=message)
+    conversation.refresh_from_db()
+    assert conversation.params == {"temperature": 0.9}
+
+
+def test_a_saved_panel_updates_the_composers_options_too(
+    owner_client: Client, conversation: Conversation
+) -> None:
+    url = reverse("chat:settings", args=[conversation.code])
+    response = owner_client.post(
+        url, _settings_post(temperature="1.1"), headers={"HX-Request": "true"}
+    )
+    body = response.content.decode()
+    assert 'id="composer-options" class="option-grid" hx-swap-oob="true"' in body
+    assert 'name="temperature" value="1.1"' in body
+    panel = owner_client.get(url, headers={"HX-Request": "true"}).content.decode()
+    assert 'id="settings-panel"' in panel and "<html" not in panel
