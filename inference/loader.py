@@ -53,7 +53,12 @@ def converted_path(spec: ModelSpec, converted_dir: Path) -> Path:
     stat = spec.path.stat()
     key = f"{spec.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(converted_dir) / f"{spec.id}-{digest}"
+    return Path(converted_dir) / f"{_conversion_name(spec)}-{digest}"
+
+
+def _conversion_name(spec: ModelSpec) -> str:
+    # An adapter on a GGUF base shares its base's conversion.
+    return spec.base_id if spec.adapter_path is not None and spec.base_id else spec.id
 
 
 def weights_bytes(spec: ModelSpec, converted_dir: Path) -> int:
@@ -228,7 +233,7 @@ def _converted_dir_for(spec: ModelSpec, gguf_path: Path, converted_dir: Path) ->
 
 def _remove_stale_conversions(spec: ModelSpec, keep: Path) -> None:
     """Delete conversions of earlier versions of this spec's file: they will never load again."""
-    stale = re.compile(rf"^{re.escape(spec.id)}-[0-9a-f]{{12}}$")
+    stale = re.compile(rf"^{re.escape(_conversion_name(spec))}-[0-9a-f]{{12}}$")
     for child in keep.parent.iterdir():
         if child != keep and child.is_dir() and stale.match(child.name):
             logger.info("removing stale conversion %s", child)

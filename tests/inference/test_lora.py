@@ -175,3 +175,22 @@ def test_an_adapter_config_without_a_base_is_a_clear_error(models_dir: Path) -> 
     assert spec.problem is not None and "names no base model" in spec.problem
     with pytest.raises(ModelLoadError, match="names no base model"):
         load_model(spec, folder)
+
+
+def test_an_adapter_on_a_gguf_base_shares_the_bases_conversion(tmp_path: Path) -> None:
+    from inference.catalogue import ModelSpec
+    from inference.loader import converted_path
+
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    base = ModelSpec(id="smol", name="smol", kind="gguf", context_length=2048, path=gguf)
+    adapter = ModelSpec(
+        id="smol-lora",
+        name="smol-lora",
+        kind="gguf",
+        context_length=2048,
+        path=gguf,
+        adapter_path=tmp_path / "smol-lora",
+        base_id="smol",
+    )
+    assert converted_path(adapter, tmp_path) == converted_path(base, tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,25 +104,17 @@ def loaded(engine: Engine) -> list[str]:
     return sorted(info["model_id"] for info in engine.loaded_models())
 
 
-def test_two_models_stay_resident_when_they_fit(
+def test_models_stay_resident_while_they_fit_then_the_lru_idle_one_makes_room(
     make_engine: Callable[..., Engine], size: int
 ) -> None:
     engine = make_engine(memory_budget_bytes=int(size * 2.5))
     served(engine, "a")
     served(engine, "b")
     assert loaded(engine) == ["a", "b"]
-    # Both answer without loading again.
+    # a answers without loading again, and is now the most recently used.
     served(engine, "a")
     assert loaded(engine) == ["a", "b"]
-
-
-def test_a_third_model_unloads_the_least_recently_used_idle_one(
-    make_engine: Callable[..., Engine], size: int
-) -> None:
-    engine = make_engine(memory_budget_bytes=int(size * 2.5))
-    served(engine, "a")
-    served(engine, "b")
-    served(engine, "a")  # b is now the least recently used
+    # c does not fit beside both: b, the least recently used idle model, makes room.
     served(engine, "c")
     assert loaded(engine) == ["a", "c"]
 
@@ -151,19 +144,25 @@ def test_a_model_bigger_than_the_whole_budget_is_refused_with_the_reason(
 def test_keep_alive_unloads_each_idle_model_on_its_own_clock(
     make_engine: Callable[..., Engine], size: int
 ) -> None:
-    engine = make_engine(memory_budget_bytes=size * 4, keep_alive=3.0)
+    engine = make_engine(memory_budget_bytes=size * 4, keep_alive=600)
     served(engine, "a")
     served(engine, "b")
     served(engine, "c")
-    # b is kept for good (Ollama's keep_alive -1), c goes at once, a after the server's 3 s.
+    # b is kept for good (Ollama's keep_alive -1), c goes at once, a keeps the server's 600 s.
     assert engine.unload_after("b", None) is None
     engine.unload_after("c", 0)
     assert loaded(engine) == ["a", "b"]
     info = {i["model_id"]: i for i in engine.loaded_models()}
-    assert info["a"]["expires_at"] is not None and info["b"]["expires_at"] is None
+    assert time.time() + 500 < info["a"]["expires_at"] <= time.time() + 600
+    assert info["b"]["expires_at"] is None
+    # A request's keep-alive of half a second for a: it goes on its own clock, b stays.
+    expires = engine.unload_after("a", 0.5)
+    assert expires is not None and expires <= time.time() + 0.5
     wait_until(
-        lambda: loaded(engine) == ["b"]
-        and [m["model_id"] for m in engine.memory_status()["models"]] == ["b"],
+        lambda: (
+            loaded(engine) == ["b"]
+            and [m["model_id"] for m in engine.memory_status()["models"]] == ["b"]
+        ),
         timeout=20,
         what="a to unload, and leave the memory status",
     )
