@@ -122,6 +122,7 @@ def index(request: HttpRequest) -> HttpResponse:
         "max_upload_bytes": settings.MLXWEB_MAX_UPLOAD_BYTES,
         # What the inference workers hold in memory, and the jobs sharing the budget.
         "memory": services.memory_overview(),
+        "adapters": services.adapter_list(),
     }
     return render(request, "models_admin/index.html", context)
 

@@ -8,7 +8,7 @@ Jobs (`jobs`): `job_create`, `job_cancel`, `job_retry`, `job_run`, `job_reap_dea
 `job_cleanup_staging`, and the registry of job kinds (`job_kind`, `get_job_kind`).
 Uploads (`uploads`): `upload_dir`, `upload_accept`.
 Memory (`memory`): `memory_overview`, what the live inference workers hold in memory and the jobs
-holding or waiting for a share of the memory budget.
+holding or waiting for a share of the memory budget; `adapter_list`, the LoRA adapters.
 Job kinds, one module each under `kinds/`, each one registered service function: `model_pull`,
 `model_convert`, `model_quantize`, `model_import_gguf`, `model_validate`, `model_delete`,
 `model_export_gguf` (with `gguf_export_path`, where an export may go).
@@ -51,7 +51,7 @@ from models_admin.services.library import (
     library_source_record,
     library_validations,
 )
-from models_admin.services.memory import memory_overview
+from models_admin.services.memory import adapter_list, memory_overview
 from models_admin.services.paths import (
     GGUF_MAGIC,
     NAME_PATTERN,
@@ -99,6 +99,7 @@ __all__ = [
     "library_scan",
     "library_source_record",
     "library_validations",
+    "adapter_list",
     "memory_overview",
     "model_convert",
     "model_delete",

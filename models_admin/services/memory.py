@@ -120,3 +120,30 @@ def memory_overview() -> MemoryOverview:
         entries = []
     jobs = [JobMemoryRow(r.what, r.nbytes, r.waiting) for r in entries if r.kind == "job"]
     return MemoryOverview(workers=workers, jobs=jobs, budget_bytes=configured_budget())
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    """A LoRA adapter folder of the models folder, as the catalogue sees it."""
+
+    model_id: str
+    path: str
+    base_model: str | None
+    problem: str | None  # why it cannot load; None when it is ready
+
+
+def adapter_list() -> list[AdapterRow]:
+    """The catalogue's LoRA adapters (inference.catalogue), ready or not."""
+    from inference import services as inference_services
+
+    return [
+        AdapterRow(
+            model_id=spec.id,
+            path=str(spec.adapter_path),
+            base_model=spec.base_id,
+            problem=spec.problem
+            or (None if spec.is_available else f"the base model {spec.base_id!r} is not here"),
+        )
+        for spec in inference_services.model_list()
+        if spec.adapter_path is not None
+    ]

@@ -4,6 +4,7 @@ wait for a share of the budget (models_admin.services.memory)."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -99,3 +100,26 @@ def test_it_shows_jobs_holding_or_waiting_for_memory(
 def test_strangers_do_not_see_the_panel(client: Client, owner_client: Client) -> None:
     assert owner_client.get(URL).status_code == 403
     assert client.get(URL).status_code == 302
+
+
+def write_adapter_folder(folder: Path, config: dict[str, Any]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapters.safetensors").write_bytes(b"")
+
+
+def test_it_lists_the_lora_adapters_with_their_base_or_what_is_wrong(
+    admin_client: Client, library: Path, tiny_hf_dir: Path, table: ReservationTable
+) -> None:
+    write_adapter_folder(library / "tiny-chat-lora", {"base_model": "tiny-hf", "num_layers": 2})
+    write_adapter_folder(library / "lost-lora", {"model": "org/<i>gone</i>"})
+
+    html = admin_client.get(URL).content.decode()
+
+    panel = html[html.index('id="adapters-title"') :]
+    ready = panel[panel.index("tiny-chat-lora") :]
+    assert "tiny-hf" in ready[: ready.index("</tr>")]
+    assert "ready: in the chat" in ready[: ready.index("</tr>")]
+    lost = panel[panel.index("lost-lora") :]
+    assert "is not in the catalogue" in lost[: lost.index("</tr>")]
+    assert "&lt;i&gt;gone&lt;/i&gt;" in lost and "<i>gone" not in lost
