@@ -79,7 +79,14 @@ class Presets:
 
     def __init__(self, user: AbstractBaseUser) -> None:
         self.rows = {row.name: row for row in PresetRow.objects.filter(user_id=user.pk)}
-        self.builtins = builtin_specs()
+        # A broken built-in file leaves the built-ins out and says why (the presets page
+        # shows it) rather than breaking every chat page.
+        self.problem = ""
+        try:
+            self.builtins = builtin_specs()
+        except PresetError as e:
+            self.builtins = {}
+            self.problem = str(e)
 
     def spec(self, name: str) -> PresetSpec | None:
         row = self.rows.get(name)

@@ -40,7 +40,7 @@ def preset_list(request: SignedInRequest) -> HttpResponse:
     return render(
         request,
         "chat/presets.html",
-        {"listing": presets.listing(), "own": set(presets.rows)},
+        {"listing": presets.listing(), "own": set(presets.rows), "problem": presets.problem},
     )
 
 

@@ -314,3 +314,14 @@ def test_a_conversation_with_a_tools_preset_gets_tools(owner: User, models_root:
     )
     conversation.refresh_from_db()
     assert conversation.preset == "agent" and conversation.tools_enabled is True
+
+
+def test_a_broken_builtin_file_is_reported_on_the_page(
+    owner_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "presets").mkdir()
+    _write(tmp_path / "presets", "loop", "extends: loop\n")
+    monkeypatch.setenv("MLXWEB_CONFIG_DIR", str(tmp_path))
+    body = owner_client.get(reverse("chat:presets")).content.decode()
+    assert "The built-in presets could not be read" in body
+    assert str(tmp_path / "presets" / "loop.yaml") in body and "loop -&gt; loop" in body
