@@ -6,8 +6,9 @@ conversation). The Content-Security-Policy (img-src 'self' data:) enforces the s
 The output carries no style attributes either (table alignment is a class), as the policy forbids
 inline styles.
 
-Math (`$...$`, `$$...$$`) becomes `<span class="math math-inline">` / `math-display` elements that
-hold the escaped TeX source; the browser typesets them with the vendored KaTeX (static/js/chat.js).
+Math (`$...$`, `$$...$$`, and LaTeX's `\\(...\\)`, `\\[...\\]`) becomes `math-inline` /
+`math-display` elements that hold the escaped TeX source; the browser typesets them with the
+vendored KaTeX (static/js/chat.js).
 Task list items (`- [ ]`, `- [x]`) get a disabled checkbox. static/js/live-markdown.js renders the
 streaming reply with markdown-it (JavaScript) and the same rules, so a reply looks the same while
 it streams and after the final render replaces it.
@@ -97,6 +98,26 @@ def _math_inline(state: StateInline, silent: bool) -> bool:
         token = state.push("math_inline", "", 0)
         token.content = src[start + 1 : end]
     state.pos = end + 1
+    return True
+
+
+_BRACKETS = {"\\(": ("\\)", "math_inline"), "\\[": ("\\]", "math_inline_double")}
+
+
+def _math_brackets(state: StateInline, silent: bool) -> bool:
+    """LaTeX's `\\(tex\\)` and `\\[tex\\]`, which many models write instead of dollars (without
+    this rule the backslashes would be read as escapes and the formula lost)."""
+    opener = state.src[state.pos : state.pos + 2]
+    if opener not in _BRACKETS:
+        return False
+    closer, kind = _BRACKETS[opener]
+    end = state.src.find(closer, state.pos + 2)
+    if end < 0 or end >= state.posMax or not state.src[state.pos + 2 : end].strip():
+        return False
+    if not silent:
+        token = state.push(kind, "", 0)
+        token.content = state.src[state.pos + 2 : end].strip()
+    state.pos = end + 2
     return True
 
 
@@ -221,6 +242,7 @@ def _renderer() -> MarkdownIt:
             return _CHECKBOX.format(' checked aria-label="Done"')
         return _CHECKBOX.format(' aria-label="Not done"')
 
+    md.inline.ruler.before("escape", "math_brackets", _math_brackets)
     md.inline.ruler.before("backticks", "math_inline", _math_inline)
     md.block.ruler.before(
         "fence",

@@ -41,6 +41,19 @@
     return true;
   }
 
+  // LaTeX's `\(tex\)` and `\[tex\]`, read before markdown's backslash escapes.
+  const BRACKETS = { "\\(": ["\\)", "math_inline"], "\\[": ["\\]", "math_inline_double"] };
+  function mathBrackets(state, silent) {
+    const opener = state.src.slice(state.pos, state.pos + 2);
+    if (!Object.prototype.hasOwnProperty.call(BRACKETS, opener)) return false;
+    const closer = BRACKETS[opener][0];
+    const end = state.src.indexOf(closer, state.pos + 2);
+    if (end < 0 || end >= state.posMax || !state.src.slice(state.pos + 2, end).trim()) return false;
+    if (!silent) state.push(BRACKETS[opener][1], "", 0).content = state.src.slice(state.pos + 2, end).trim();
+    state.pos = end + 2;
+    return true;
+  }
+
   // A `$$` line opens display math that a line ending in `$$` closes; unclosed stays text.
   function mathBlock(state, startLine, endLine, silent) {
     if (state.sCount[startLine] - state.blkIndent >= 4) return false;
@@ -105,6 +118,7 @@
     }
   }
 
+  md.inline.ruler.before("escape", "math_brackets", mathBrackets);
   md.inline.ruler.before("backticks", "math_inline", mathInline);
   md.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
   md.core.ruler.push("task_lists", taskLists);

@@ -206,6 +206,7 @@ def test_it_typesets_math_and_renders_tables_task_lists_and_thinking(
 SAMPLES = [
     "# Title\n\nSome *emphasis*, `code` and a [link](https://example.com).",
     "Math $e^{i\\pi} = -1$ and $5 or $6, then\n\n$$\n\\sum_{k=1}^n k\n$$\n",
+    "LaTeX style \\(a^2\\) and \\[b^2\\], an escaped \\* star",
     "| a | b |\n|:-|-:|\n| 1 | 2 |\n\n- [ ] open\n- [x] done\n\n1. one\n2. two",
     "<script>alert(1)</script> <b>raw</b> [x](javascript:alert(1)) ![remote](http://x.test/i.png)",
     "```\nplain fence <b>\n```\n\n> quote ~~struck~~",

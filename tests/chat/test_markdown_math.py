@@ -30,6 +30,14 @@ def test_it_marks_display_math_blocks_and_inline_double_dollars() -> None:
     assert '<p>so <span class="math math-display">x^2</span> here</p>' in inline
 
 
+def test_it_marks_latex_bracket_math_too() -> None:
+    html = render_markdown(r"So \(x^2\) and \[\frac{1}{2}\] but \(not closed")
+
+    assert '<span class="math math-inline">x^2</span>' in html
+    assert '<span class="math math-display">\\frac{1}{2}</span>' in html
+    assert "but (not closed" in html  # an escaped parenthesis, as markdown reads it
+
+
 @pytest.mark.parametrize(
     "text",
     [
