@@ -51,6 +51,9 @@ FORMAT_VERSION = "1"
 # A safetensors header bigger than this is not one of ours (8,192 tokens take ~44 KB).
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 KV_BITS = (4, 8)
+# A file is read for a prompt only if it gives at least this many of its tokens: less (another
+# conversation sharing only the default system prompt, say) is cheaper to prefill than to load.
+MIN_DISK_REUSE = 128
 KV_GROUP_SIZES = (32, 64, 128)
 
 
@@ -365,11 +368,12 @@ class DiskKVStore:
         return sum(r.size for r in self._records().values())
 
     def best(self, model_key: str, prompt: np.ndarray) -> tuple[int, _DiskRecord | None]:
-        """The file giving most of `prompt` (tokens reused, record)."""
+        """The file giving most of `prompt` (tokens reused, record), if it gives at least
+        `MIN_DISK_REUSE` tokens."""
         found: tuple[int, _DiskRecord | None] = (0, None)
         for record in self.records(model_key):
             reuse = _reuse(record.tokens, record.trimmable, prompt)
-            if reuse > found[0]:
+            if reuse >= MIN_DISK_REUSE and reuse > found[0]:
                 found = (reuse, record)
         return found
 
@@ -572,6 +576,18 @@ class PromptCacheStore:
         if excess and trim_prompt_cache(cache, excess) != excess:
             return CacheHit(None, list(prompt), "none")
         return CacheHit(cache, list(prompt)[reuse:], source)
+
+    def peek(self, prompt: Sequence[int]) -> tuple[int, str]:
+        """How many of `prompt`'s tokens `fetch` would reuse and from where ("memory", "disk"
+        or "none"), without loading, copying or reordering anything (the chat composer's
+        cache probe, inference.engine.Engine.probe)."""
+        wanted = _as_tokens(prompt)
+        reuse, _ = self._best_in_memory(wanted)
+        if self.disk is not None:
+            disk_reuse, record = self.disk.best(self.model_key, wanted)
+            if record is not None and disk_reuse > reuse:
+                return disk_reuse, "disk"
+        return reuse, "memory" if reuse else "none"
 
     def warm(self, tokens: Sequence[int]) -> int:
         """Load from disk the file that gives most of `tokens`, unless memory already gives

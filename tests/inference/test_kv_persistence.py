@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 # Long enough that the kept prefix is most of the next turn's prompt.
 TURN1 = [
-    {"role": "system", "content": "You answer questions about European geography. " * 6},
+    {"role": "system", "content": "You answer questions about European geography. " * 20},
     {"role": "user", "content": "What is the capital of France? Tell me about it."},
 ]
 OTHER = [{"role": "user", "content": "Name three rivers in Germany, please."}]
@@ -145,6 +145,7 @@ def test_a_cache_for_another_prefix_is_used_only_up_to_where_they_agree(
         if a != b:
             break
         shared += 1
+    assert shared >= 128  # kvcache.MIN_DISK_REUSE: worth reading the file
     assert answer.started.cached_tokens == shared  # the system prompt, not the question
     assert answer.text == _uncached(make_engine, other)
 
@@ -179,31 +180,34 @@ def _small_cache(length: int, seed: int) -> list[Any]:
 
 
 def test_the_disk_budget_removes_the_least_recently_used(tmp_path: Path) -> None:
+    n = 200
     probe = DiskKVStore(tmp_path / "probe", 2**30)
-    assert probe.save("k", np.arange(100), _small_cache(100, 0))
+    assert probe.save("k", np.arange(n), _small_cache(n, 0))
     size = probe.total_bytes
     store = DiskKVStore(tmp_path / "kv", int(size * 2.5))
-    a, b, c = (np.arange(100) + offset for offset in (1000, 2000, 3000))
-    assert store.save("k", a, _small_cache(100, 1))
-    assert store.save("k", b, _small_cache(100, 2))
+    a, b, c = (np.arange(n) + offset for offset in (1000, 2000, 3000))
+    assert store.save("k", a, _small_cache(n, 1))
+    assert store.save("k", b, _small_cache(n, 2))
     reuse, record = store.best("k", np.concatenate([a, [7, 8]]))
-    assert reuse == 100 and record is not None
+    assert reuse == n and record is not None
     assert store.load(record) is not None  # a is used: b is now the least recently used
-    assert store.save("k", c, _small_cache(100, 3))
+    assert store.save("k", c, _small_cache(n, 3))
     assert store.total_bytes <= int(size * 2.5)
     assert store.best("k", np.concatenate([b, [7]]))[0] == 0
-    assert store.best("k", np.concatenate([a, [7]]))[0] == 100
+    assert store.best("k", np.concatenate([a, [7]]))[0] == n
     # A new store on the same folder finds the same files.
     again = DiskKVStore(tmp_path / "kv", int(size * 2.5))
-    assert again.best("k", np.concatenate([c, [7]]))[0] == 100
+    assert again.best("k", np.concatenate([c, [7]]))[0] == n
     assert again.best("other-model", np.concatenate([c, [7]]))[0] == 0
+    # Too little of a file to be worth reading: another prompt that shares its first tokens.
+    assert again.best("k", np.concatenate([c[:100], [7]]))[0] == 0
 
 
 def test_a_longer_cache_replaces_the_files_of_its_prefixes(tmp_path: Path) -> None:
     store = DiskKVStore(tmp_path / "kv", 2**30)
-    tokens = np.arange(200)
-    assert store.save("k", tokens[:100], _small_cache(100, 1))
-    assert store.save("k", tokens, _small_cache(200, 2))
+    tokens = np.arange(400)
+    assert store.save("k", tokens[:200], _small_cache(200, 1))
+    assert store.save("k", tokens, _small_cache(400, 2))
     assert len(_files(tmp_path / "kv")) == 1
 
 
