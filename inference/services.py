@@ -219,8 +219,9 @@ def generation_create(
     before the first token, so a page rendered at any moment finds it. Raises UnknownModel,
     NotAGenerationModel for an embedding model, GenerationLimitReached when `user` already has
     as many replies queued as the limits allow and GenerationQueueFull when everyone together
-    has. `priority` ("interactive" or "batch") is accepted for the APIs; scheduling does not
-    use it yet: every user's replies already take turns.
+    has. `priority` ("interactive" or "batch": titles, validation, library work) is kept in
+    the row's details; the worker hands a free stream to interactive replies first and the
+    engine prefills them first.
 
     Every row records the request's half of its provenance (sampler settings, seed); the
     worker adds the model's. `replayable` (the chat's replies) also picks a seed when sampling
@@ -237,6 +238,8 @@ def generation_create(
         raise ValueError("an existing prompt takes no messages, previous or prompt_text")
     _check_generation_model(model_id)
     params, provenance, details = _replayable(params, replayable)
+    if priority == "batch":
+        details = {**details, "priority": "batch"}
     with transaction.atomic():
         _check_queue()
         if user is not None:

@@ -281,6 +281,7 @@ class WorkerRuntime:
             prompt_text=prompt_text,
             assistant_prefix=prefix,
             assistant_prefix_tokens=prefix_tokens,
+            priority="batch" if details.get("priority") == "batch" else "interactive",
         )
         user = str(generation.user_id or "")
         stream = _Stream(
@@ -315,9 +316,15 @@ class WorkerRuntime:
         ready = [u for u in self.waiting if self._active_count(u) < per_user]
         if not ready:
             return None
-        user = min(ready, key=lambda u: self.served.get(u, -1))
+        # Interactive replies first (a person waits; titles and validation can), then the
+        # user served longest ago.
+        def background(u: str) -> bool:
+            return all(request.priority == "batch" for _, request in self.waiting[u])
+
+        user = min(ready, key=lambda u: (background(u), self.served.get(u, -1)))
         queue = self.waiting[user]
-        item = queue.popleft()
+        item = next((i for i in queue if i[1].priority != "batch"), queue[0])
+        queue.remove(item)
         if not queue:
             del self.waiting[user]
         self.serves += 1
@@ -569,6 +576,11 @@ class WorkerRuntime:
             # Where its KV prefix came from: memory, disk, warm (restored on open) or none.
             details = fields.get("details", stream.generation.details) or {}
             fields["details"] = {**details, "prompt_cache": event.prompt_cache}
+        if getattr(event, "details", None):
+            # How the engine computed it: decode path, prefill chunks, speculative decoding's
+            # acceptance and speed-up (inference.engine.Finished.details).
+            details = fields.get("details", stream.generation.details) or {}
+            fields["details"] = {**details, **event.details}
         stream.pending_writes.clear()
         await database_sync_to_async(stream.generation.finish)(reason, **fields)
         created = stream.generation.created_at.timestamp()
