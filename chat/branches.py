@@ -49,7 +49,7 @@ def branch_action(*, conversation: Conversation, action: BranchAction) -> Outcom
         services.message_edit(
             conversation=conversation,
             message_code=action.message,
-            text=action.text,
+            text=action.content,
             model_id=action.model,
         )
     elif isinstance(action, DeleteMessage):

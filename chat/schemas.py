@@ -139,7 +139,8 @@ class EditMessage(_OnMessage):
     """Edit a user message and resend it: a new version of it, with a new reply."""
 
     type: Literal["edit"]
-    text: Annotated[StorableText, StringConstraints(max_length=100_000)]
+    # Not "text": the page's composer box is the one field named so.
+    content: Annotated[StorableText, StringConstraints(max_length=100_000)]
     model: str | None = None
 
 
@@ -204,7 +205,9 @@ _MESSAGE_TYPES: dict[str, type[_Incoming]] = {
 def parse_message(content: dict[str, Any]) -> SendMessage | StopReply | ToolDecision | BranchAction:
     """Validate one message; raises ValidationError, or ValueError for an unknown type."""
     # Empty option fields of the composer mean "use the default".
-    cleaned = {k: v if k in ("text", "title") else _blank_to_none(v) for k, v in content.items()}
+    cleaned = {
+        k: v if k in ("text", "content", "title") else _blank_to_none(v) for k, v in content.items()
+    }
     kind = cleaned.get("type")
     schema = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if schema is None:

@@ -112,6 +112,12 @@ def _prompt_messages(conversation: Conversation, path: list[Message]) -> list[Ch
     return turns
 
 
+def _first_line_title(text: str) -> str:
+    """The title a conversation has until the generated one arrives: its first message."""
+    first_line = " ".join(text.split())
+    return first_line[:TITLE_LENGTH] + "…" if len(first_line) > TITLE_LENGTH else first_line
+
+
 def _check_idle(conversation: Conversation) -> None:
     """Refuse a new reply while one streams or a tool call waits (one reply at a time)."""
     if Message.objects.filter(
@@ -214,10 +220,7 @@ def message_send(
     reply = _start_reply(conversation, user_message, model_id=model_id, params=params)
     updates = {"updated_at": timezone.now(), "model_id": model_id, "leaf": reply}
     if conversation.title == Conversation._meta.get_field("title").default:
-        first_line = " ".join(text.split())
-        updates["title"] = (
-            first_line[:TITLE_LENGTH] + "…" if len(first_line) > TITLE_LENGTH else first_line
-        )
+        updates["title"] = _first_line_title(text)
     Conversation.objects.filter(pk=conversation.pk).update(**updates)
     return user_message, reply
 
@@ -859,6 +862,11 @@ def title_start(*, conversation: Conversation) -> Generation | None:
     )
     if first is None or reply is None or reply.generation is None or reply.generation.is_active:
         return None
+    if conversation.title not in (
+        Conversation._meta.get_field("title").default,
+        _first_line_title(first.content),
+    ):
+        return None  # a title from elsewhere (an import): kept
     answer = reply.generation.content or reply.generation.text
     exchange = (
         f"User: {first.content[:TITLE_EXCHANGE_CHARS]}\n\n"

@@ -390,6 +390,22 @@ def test_a_title_that_ended_with_no_tab_open_shows_on_the_next_page(
     assert conversation.title == "Paris In Three Days"
 
 
+def test_a_title_from_elsewhere_is_kept(owner, models_root) -> None:
+    from inference.schemas import ChatMessage
+
+    imported = services.conversation_import(
+        user=owner,
+        model_id=MODEL,
+        messages=[
+            ChatMessage(role="user", content="Plan a trip"),
+            ChatMessage(role="assistant", content="Sure."),
+        ],
+        title="Holiday ideas",
+    )
+    assert services.title_start(conversation=imported) is None
+    assert not Generation.objects.filter(notify_group=services.title_group(imported)).exists()
+
+
 def test_an_interrupted_title_is_tried_again(conversation) -> None:
     _turn(conversation, "Plan a trip to Paris", "Day 1.")
     first = services.title_start(conversation=conversation)
@@ -459,7 +475,7 @@ def test_the_forms_work_without_the_socket(owner_client: Client, conversation) -
     owner_client.post(reverse("chat:switch", args=[code, turns["a2"].code]))
     assert _leaf(conversation) == turns["a2"]
     owner_client.post(
-        reverse("chat:edit", args=[code, turns["u2"].code]), {"text": "And of Spain?"}
+        reverse("chat:edit", args=[code, turns["u2"].code]), {"content": "And of Spain?"}
     )
     leaf = _leaf(conversation)
     assert leaf is not None and leaf.parent is not None and leaf.parent.content == "And of Spain?"
@@ -483,9 +499,9 @@ def test_bad_form_input_says_why_and_changes_nothing(owner_client: Client, conve
     turns = _three_turns(conversation)
     code = conversation.code
     response = owner_client.post(
-        reverse("chat:edit", args=[code, turns["u2"].code]), {"text": "x" * 100_001}, follow=True
+        reverse("chat:edit", args=[code, turns["u2"].code]), {"content": "x" * 100_001}, follow=True
     )
-    assert "Invalid request: text" in response.content.decode()
+    assert "Invalid request: content" in response.content.decode()
     response = owner_client.post(reverse("chat:pin", args=[code]), {"pinned": "maybe"}, follow=True)
     assert "Invalid request: pinned" in response.content.decode()
     response = owner_client.post(

@@ -105,7 +105,7 @@ async def test_an_edit_makes_a_branch_with_its_reply(
     await _frames_until(tab, 'class="body md"')
     user = await Message.objects.aget(conversation=conversation, role="user")
 
-    await tab.send_to(text_data=_action("edit", message=str(user.code), text="Say goodbye"))
+    await tab.send_to(text_data=_action("edit", message=str(user.code), content="Say goodbye"))
 
     frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
     assert "Say goodbye" in frames and "2/2" in frames
@@ -193,7 +193,7 @@ async def test_a_title_due_while_no_tab_was_open_starts_when_one_opens(
         (_action("regenerate", message="nope"), "message"),
         (_action("regenerate", message="0" * 32), "No such message"),
         (_action("switch"), "message"),
-        (_action("edit", message="0" * 32), "text"),
+        (_action("edit", message="0" * 32), "content"),
         (_action("delete", message="0" * 32, extra=1), "extra"),
         (_action("fork", message="0" * 32), "No such message"),
         (_action("continue", message="0" * 32), "No such message"),

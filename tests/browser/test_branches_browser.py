@@ -1,0 +1,117 @@
+"""Branches in chromium (issue 9): regenerate and the < 2/2 > arrows, edit and resend, reload
+keeps every branch, the copy button copies, delete asks first. The tiny model answers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import Page, expect
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+PASSWORD = "a-long-pass-phrase"
+# Long enough for the first reply to load the model on a busy machine.
+REPLY_TIMEOUT = 120_000
+
+
+@pytest.fixture(scope="module")
+def page(browser, live_site):  # type: ignore[no-untyped-def]
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(live_site.url + "/signup/")
+    page.fill("input[name=username]", "grace")
+    page.fill("input[name=password1]", PASSWORD)
+    page.fill("input[name=password2]", PASSWORD)
+    page.click("button[type=submit]")
+    page.click("details.options summary")
+    page.fill("input[name=max_tokens]", "8")
+    box = page.locator("#composer textarea[name=text]")
+    box.fill("Name a colour.")
+    box.press("Enter")
+    # The first message also loads the model, which holds the in-process server up a while.
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"), timeout=REPLY_TIMEOUT)
+    _wait_for_reply(page)
+    yield page
+    context.close()
+
+
+def _wait_for_reply(page: Page) -> None:
+    """Until the reply shown has ended (its Regenerate button comes with the final render)."""
+    expect(page.locator("article.assistant button.regenerate")).to_have_count(
+        1, timeout=REPLY_TIMEOUT
+    )
+
+
+def _reply(page: Page):  # type: ignore[no-untyped-def]
+    return page.locator("article.assistant").last
+
+
+def test_regenerate_shows_two_versions_and_the_arrows_move_between_them(page: Page) -> None:
+    first_text = _reply(page).locator(".body.md").inner_text()
+    _reply(page).locator("button.regenerate").click()
+    expect(_reply(page).locator(".version-index")).to_have_text("2/2")
+    _wait_for_reply(page)
+
+    _reply(page).locator("button.version-previous").click()
+    expect(_reply(page).locator(".version-index")).to_have_text("1/2")
+    expect(_reply(page).locator(".body.md")).to_have_text(first_text)
+    expect(_reply(page).locator("button.version-previous")).to_be_disabled()
+    _reply(page).locator("button.version-next").click()
+    expect(_reply(page).locator(".version-index")).to_have_text("2/2")
+
+
+def test_edit_and_resend_makes_a_new_branch(page: Page) -> None:
+    user = page.locator("article.user").last
+    user.locator("details.edit-message summary").click()
+    box = user.locator("details.edit-message textarea[name=content]")
+    expect(box).to_have_value("Name a colour.")
+    box.fill("Name a fruit.")
+    user.locator("details.edit-message button[type=submit]").click()
+
+    user = page.locator("article.user").last
+    expect(user.locator(".body")).to_have_text("Name a fruit.")
+    expect(user.locator(".version-index")).to_have_text("2/2")
+    _wait_for_reply(page)
+    expect(_reply(page).locator(".versions")).to_have_count(0)  # a new branch: one reply
+
+
+def test_reload_keeps_every_branch(page: Page) -> None:
+    page.reload()
+    user = page.locator("article.user").last
+    expect(user.locator(".body")).to_have_text("Name a fruit.")
+    user.locator("button.version-previous").click()
+    user = page.locator("article.user").last
+    expect(user.locator(".body")).to_have_text("Name a colour.")
+    expect(user.locator(".version-index")).to_have_text("1/2")
+    # The first question's branch comes back with its newest reply, still one of two.
+    expect(_reply(page).locator(".version-index")).to_have_text("2/2")
+    page.reload()
+    expect(page.locator("article.user").last.locator(".body")).to_have_text("Name a colour.")
+
+
+def test_the_copy_button_copies_the_message(page: Page) -> None:
+    button = page.locator("article.user").last.locator("button.copy-message")
+    expect(button).to_be_visible()
+    button.click()
+    expect(button).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "Name a colour."
+    reply_button = _reply(page).locator("button.copy-message")
+    expect(reply_button).to_be_visible()
+
+
+def test_delete_asks_first_then_takes_the_reply_and_shows_the_other_version(page: Page) -> None:
+    reply = _reply(page)
+    expect(reply.locator(".version-index")).to_have_text("2/2")
+    confirm = reply.locator("button.confirm-delete")
+    expect(confirm).to_be_hidden()
+    reply.locator("details.delete-message summary").click()
+    expect(reply.locator("details.delete-message")).to_contain_text("everything below it?")
+    confirm.click()
+
+    reply = _reply(page)
+    expect(reply.locator(".versions")).to_have_count(0)  # one version left
+    expect(page.locator("article.assistant")).to_have_count(1)
+    page.reload()
+    expect(page.locator("article.assistant")).to_have_count(1)
+    expect(_reply(page).locator(".versions")).to_have_count(0)
