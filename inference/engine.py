@@ -199,6 +199,15 @@ class _Stop:
     pass
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """What the next prompt of a conversation would cost: its tokens, the prefix the KV
+    caches hold and the turns trimmed (the chat composer asks while the user types)."""
+
+    request: GenerationRequest
+    reply: Callable[[dict[str, Any]], None]
+
+
 @dataclass
 class _Warm:
     """Restore a conversation's KV cache from disk before its next turn (inference.kvcache)."""
@@ -562,6 +571,18 @@ class Engine:
             state = self._state
         _safe_reply(reply, EmbeddingResult([], 0, error=f"engine is {state}", kind="error"))
 
+    def probe(self, request: GenerationRequest, reply: Callable[[dict[str, Any]], None]) -> None:
+        """Answer `reply` (on the engine thread, between steps) with what `request` would cost
+        if sent now: {"loaded": False} when its model is not loaded (nothing is loaded for a
+        probe), else {"loaded": True, "prompt_tokens", "cached_tokens", "cache_source",
+        "trimmed_messages"} or {"loaded": True, "error"}. Nothing is computed by the model and
+        no cache is touched (`PromptCacheStore.peek`)."""
+        with self._lock:
+            if self._state == "running":
+                self._inbox.put(_Probe(request, reply))
+                return
+        reply({"loaded": False})
+
     def warm(
         self, model_id: str, messages: list[dict[str, Any]], *, wait: float | None = None
     ) -> int:
@@ -650,6 +671,8 @@ class Engine:
                 self._on_unload_after(command)
             elif isinstance(command, _Warm):
                 self._on_warm(command)
+            elif isinstance(command, _Probe):
+                self._on_probe(command)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
@@ -733,6 +756,36 @@ class Engine:
             logger.exception("model %s: warming a conversation failed", command.model_id)
         finally:
             command.done.set()
+
+    def _on_probe(self, command: _Probe) -> None:
+        answer: dict[str, Any]
+        try:
+            slot = self._slots.get(command.request.model_id)
+            if slot is None:
+                answer = {"loaded": False}
+            else:
+                prompt, trimmed, _ = self._prompt(slot, command.request)
+                cached, source = (
+                    slot.prompt_cache.peek(prompt)
+                    if slot.prompt_cache is not None
+                    else (0, "none")
+                )
+                answer = {
+                    "loaded": True,
+                    "prompt_tokens": len(prompt),
+                    "cached_tokens": cached,
+                    "cache_source": source,
+                    "trimmed_messages": trimmed,
+                }
+        except _PromptTooLong as e:
+            answer = {"loaded": True, "error": str(e), "prompt_tokens": e.prompt_tokens}
+        except Exception as e:
+            logger.warning("probe for %s failed: %s", command.request.model_id, _describe(e))
+            answer = {"loaded": True, "error": _describe(e)}
+        try:
+            command.reply(answer)
+        except Exception:
+            logger.exception("a probe's reply callback raised")
 
     def _on_unload_after(self, command: _UnloadAfter) -> None:
         model_id, seconds = command.model_id, command.seconds

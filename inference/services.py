@@ -482,6 +482,46 @@ def generation_warm(*, replies: Sequence[Generation | None]) -> None:
         logger.warning("could not ask to warm generation %s: %s", last.code, e)
 
 
+# The chat composer asks while the user types: an answer later than this is not worth waiting for.
+PROMPT_PROBE_TIMEOUT_S = 1.5
+
+
+async def aprompt_probe(
+    *, model_id: str, messages: Sequence[ChatMessage], params: GenerationParams
+) -> dict[str, Any] | None:
+    """Ask the inference worker what this prompt would cost if sent now: {"loaded": False}
+    when the model is not loaded, else {"loaded": True, "prompt_tokens", "cached_tokens",
+    "cache_source", "trimmed_messages"} (or "error"), counted by the engine with the model's
+    own template and tokenizer and its KV caches' exact tokens. None when no worker answers in
+    PROMPT_PROBE_TIMEOUT_S. With several workers, the one that answers may not be the one
+    that serves the next turn."""
+    layer = get_channel_layer()
+    assert layer is not None, "CHANNEL_LAYERS is not configured"
+    reply_channel = await layer.new_channel()
+    await layer.send(
+        settings.INFERENCE_CHANNEL,
+        {
+            "type": "cache.probe",
+            "model_id": model_id,
+            "messages": [{"role": m.role, "content": m.content, **m.extra()} for m in messages],
+            "params": params.model_dump(mode="json"),
+            "reply_channel": reply_channel,
+        },
+    )
+    try:
+        answer = await asyncio.wait_for(layer.receive(reply_channel), PROMPT_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        return None
+    return answer if answer.get("type") == "cache.probe_result" else None
+
+
+def prompt_probe(
+    *, model_id: str, messages: Sequence[ChatMessage], params: GenerationParams
+) -> dict[str, Any] | None:
+    """`aprompt_probe` for synchronous callers (not from inside a running event loop)."""
+    return async_to_sync(aprompt_probe)(model_id=model_id, messages=messages, params=params)
+
+
 def model_last_used() -> dict[str, datetime]:
     """When each model id last got a request."""
     rows = Generation.objects.values("model_id").annotate(last=Max("created_at"))

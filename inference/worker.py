@@ -734,6 +734,74 @@ async def _serve_unload_after(message: dict[str, Any]) -> None:
         await layer.send(reply_channel, answer)
 
 
+# --- cache probes (the chat composer) --------------------------------------------------------
+
+_probe_tasks: set[asyncio.Task[None]] = set()
+# The composer waits for less than this; a late answer goes to a channel nobody reads.
+PROBE_TIMEOUT_S = 2.0
+
+
+def _probe_request(message: dict[str, Any]) -> Any:
+    """The request a "cache.probe" message describes, or a str saying why it is malformed
+    (anything may put messages on the channel, not only `inference.services.prompt_probe`)."""
+    from pydantic import ValidationError
+
+    from inference.engine import GenerationRequest
+    from inference.schemas import ChatMessage
+
+    model_id, messages, params = (
+        message.get("model_id"),
+        message.get("messages"),
+        message.get("params") or {},
+    )
+    if not isinstance(model_id, str):
+        return "model_id must be a string"
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list"
+    if not isinstance(params, dict):
+        return "params must be an object"
+    try:
+        checked = [ChatMessage.model_validate(m) for m in messages]
+        sampling = GenerationParams.model_validate(params)
+    except ValidationError as e:
+        return f"invalid probe: {e.errors()[0]['msg']}"
+    return GenerationRequest(
+        id=f"probe-{uuid.uuid4().hex}",
+        model_id=model_id,
+        messages=[{"role": m.role, "content": m.content, **m.extra()} for m in checked],
+        params=sampling,
+    )
+
+
+async def _serve_probe(message: dict[str, Any]) -> None:
+    """What a prompt would cost now (tokens, the prefix the KV caches hold, turns trimmed),
+    answered by the engine thread for a loaded model; nothing is loaded for a probe."""
+    reply_channel = message.get("reply_channel")
+    if not isinstance(reply_channel, str) or not reply_channel:
+        return
+    request = _probe_request(message)
+    answer: dict[str, Any]
+    engine = _engine
+    if isinstance(request, str):
+        answer = {"error": request}
+    elif engine is None or not engine.alive or not hasattr(engine, "probe"):
+        answer = {"loaded": False}
+    else:
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def reply(found: dict[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(_settle, result, found)
+
+        engine.probe(request, reply)
+        try:
+            answer = await asyncio.wait_for(result, PROBE_TIMEOUT_S)
+        except TimeoutError:
+            answer = {"error": "the engine did not answer in time"}
+    await get_channel_layer().send(reply_channel, {"type": "cache.probe_result", **answer})
+
+
 @database_sync_to_async
 def _warm_request(code: str) -> tuple[str, list[dict[str, Any]]] | None:
     """The model and messages of a finished reply's conversation so far, its reply included
@@ -772,7 +840,7 @@ _warm_tasks: set[asyncio.Task[None]] = set()
 
 class InferenceWorker(AsyncConsumer):
     """Handles `generation.start`, `generation.stop`, `generation.sync`, `generation.warm`,
-    `embedding.request` and `model.unload_after` on the channel."""
+    `embedding.request`, `model.unload_after` and `cache.probe` on the channel."""
 
     async def generation_start(self, message: dict[str, Any]) -> None:
         await WorkerRuntime.current().start(str(message["code"]))
@@ -798,6 +866,12 @@ class InferenceWorker(AsyncConsumer):
         )
         _embedding_tasks.add(task)
         task.add_done_callback(_embedding_tasks.discard)
+
+    async def cache_probe(self, message: dict[str, Any]) -> None:
+        # A task of its own: the answer waits for the engine thread's next pause.
+        task = asyncio.get_running_loop().create_task(_serve_probe(message))
+        _probe_tasks.add(task)
+        task.add_done_callback(_probe_tasks.discard)
 
     async def model_unload_after(self, message: dict[str, Any]) -> None:
         # A task of its own: loading a model takes seconds, and generation messages behind
