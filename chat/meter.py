@@ -9,9 +9,10 @@ Numbers come from measurements, never from guesses dressed up as them:
   cached, provided the prompt starts the same way (same model, same system prompt, nothing
   trimmed from its start). Another conversation may have pushed it out of the cache since, so
   the page says "up to";
-- the new text's tokens are counted by the worker when it has the model loaded
-  (`inference.services.prompt_probe`, when available), else estimated at 4 characters a token
-  and shown as an estimate;
+- when the worker has the model loaded, it counts the next prompt exactly
+  (`inference.services.prompt_probe`: the engine templates and tokenizes it and asks its KV
+  caches how much of it they hold, touching nothing); otherwise the new text's tokens are
+  estimated at 4 characters a token and the page says so;
 - the wait before the first token is the tokens still to compute over this machine's prefill
   speed for the model, measured on its past replies: (prompt_tokens - cached_tokens) over
   (first_token_at - started_at).
@@ -20,17 +21,20 @@ Numbers come from measurements, never from guesses dressed up as them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
+from pydantic import ValidationError
 
 from chat import presets as chat_presets
+from chat import services
 from chat.models import Conversation, Message
 from inference import services as inference
 from inference.catalogue import UnknownModel
 from inference.models import Generation
+from inference.schemas import ChatMessage, GenerationParams
 
 # Characters per token when nothing can count them: the usual figure for English text with
 # BPE vocabularies; shown as an estimate.
@@ -106,6 +110,10 @@ class Meter:
     trims_next: bool
     speed: PrefillSpeed | None
     loaded: bool | None  # whether the worker has the model loaded (None: no worker seen)
+    # Counted by the worker's engine (inference.services.prompt_probe): exact, not estimated.
+    probed: bool = False
+    cache_source: str = ""  # "memory" or "disk" when probed
+    trimmed_next: int = 0  # messages the next turn leaves out, when probed
 
     @property
     def percent(self) -> int:
@@ -190,7 +198,8 @@ def conversation_meter(conversation: Conversation, *, text: str, model_id: str =
         settings.MLXWEB_CONFIG.server.limits.max_prompt_tokens,
         max(context - wanted, context // 4),
     )
-    return Meter(
+    loaded = _loaded(spec.id)
+    reading = Meter(
         model_id=spec.id,
         model_name=spec.name,
         context=context,
@@ -205,5 +214,82 @@ def conversation_meter(conversation: Conversation, *, text: str, model_id: str =
         prompt_limit=limit,
         trims_next=next_prompt > limit,
         speed=prefill_speed(spec.id),
-        loaded=_loaded(spec.id),
+        loaded=loaded,
+    )
+    if loaded and not writing:
+        reading = _probed(reading, conversation, sticky, generation, text=text, params=params)
+    return reading
+
+
+def _next_prompt(
+    conversation: Conversation,
+    sticky: chat_presets.GenerationSettings,
+    generation: Generation | None,
+    *,
+    model_id: str,
+    text: str,
+) -> list[ChatMessage]:
+    """The messages the next turn would send, as chat.services builds them: the last reply's
+    prompt and text plus the new turn, or the whole path after a new system prompt."""
+    turn = ChatMessage(role="user", content=text.strip())
+    system = chat_presets.system_turns(conversation, sticky, model_id=model_id, previous=generation)
+    if system is None and generation is not None:
+        prior = [ChatMessage.model_validate(m) for m in generation.prompt_messages()]
+        said = generation.text
+        if generation.content or generation.tool_calls:
+            said = generation.content
+        if said or generation.tool_calls:
+            prior.append(
+                ChatMessage.model_validate(
+                    {"role": "assistant", "content": said, "tool_calls": generation.tool_calls}
+                )
+            )
+        return [*prior, turn]
+    turns: list[ChatMessage] = list(system or [])
+    for message in services.conversation_path(conversation):
+        if message.role == Message.Role.USER:
+            turns.append(ChatMessage(role="user", content=message.content))
+        elif message.generation is not None and message.generation.text:
+            turns.append(ChatMessage(role="assistant", content=message.generation.text))
+    return [*turns, turn]
+
+
+def _probed(
+    reading: Meter,
+    conversation: Conversation,
+    sticky: chat_presets.GenerationSettings,
+    generation: Generation | None,
+    *,
+    text: str,
+    params: GenerationParams,
+) -> Meter:
+    """`reading` with the worker's exact counts for the next prompt, when it answers."""
+    try:
+        messages = _next_prompt(
+            conversation, sticky, generation, model_id=reading.model_id, text=text
+        )
+        tools = services._tool_overrides(conversation)
+        if tools:
+            params = params.model_copy(update={"tools": GenerationParams(**tools).tools})
+    except ValidationError:  # a row the prompt schema no longer takes: keep the estimate
+        return reading
+    answer = inference.prompt_probe(model_id=reading.model_id, messages=messages, params=params)
+    if answer is not None and answer.get("loaded") is False:
+        return replace(reading, loaded=False)  # unloaded since its heartbeat
+    if answer is None or "error" in answer:
+        return reading  # no worker answered, or the prompt cannot be counted: the estimate
+    prompt_tokens = int(answer.get("prompt_tokens", 0))
+    cached = int(answer.get("cached_tokens", 0))
+    trimmed = int(answer.get("trimmed_messages", 0))
+    return replace(
+        reading,
+        probed=True,
+        next_prompt=prompt_tokens,
+        cached=cached,
+        cache_source=str(answer.get("cache_source", "")),
+        new_tokens=max(0, prompt_tokens - (reading.used or 0)),
+        new_tokens_counted=True,
+        trims_next=trimmed > 0,
+        trimmed_next=trimmed,
+        no_cache_reason=reading.no_cache_reason if not cached else "",
     )
