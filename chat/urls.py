@@ -3,9 +3,10 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from chat import views, views_presets, views_transfer
+from chat import views, views_presets, views_provenance, views_transfer
 
 app_name = "chat"
+REPLY = "c/<uuid:code>/r/<uuid:reply>/"
 
 urlpatterns = [
     path("", views.index, name="index"),
@@ -36,6 +37,13 @@ urlpatterns = [
     path("presets/<str:name>/delete/", views_presets.preset_delete, name="preset_delete"),
     path("c/<uuid:code>/settings/", views_presets.conversation_settings, name="settings"),
     path("c/<uuid:code>/meter/", views_presets.conversation_meter, name="meter"),
+    # A reply's details, replay, compare and token fork (chat.views_provenance).
+    path(f"{REPLY}prompt/", views_provenance.reply_prompt, name="reply_prompt"),
+    path(f"{REPLY}tokens/", views_provenance.reply_tokens, name="reply_tokens"),
+    path(f"{REPLY}fork/", views_provenance.reply_fork, name="reply_fork"),
+    path(f"{REPLY}replay/", views_provenance.reply_replay, name="reply_replay"),
+    path(f"{REPLY}replay/choose/", views_provenance.reply_replay_form, name="reply_replay_form"),
+    path(f"{REPLY}compare/", views_provenance.reply_compare, name="reply_compare"),
 ]
 
 auth_urlpatterns = [

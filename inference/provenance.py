@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,9 +142,7 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("bits", "group_size"):
         if isinstance(quant.get(key), int):
             out[key] = quant[key]
-    layers = {
-        (v.get("bits"), v.get("group_size")) for v in quant.values() if isinstance(v, dict)
-    }
+    layers = {(v.get("bits"), v.get("group_size")) for v in quant.values() if isinstance(v, dict)}
     if layers:
         out["mixed"] = sorted(f"{b}-bit/{g}" for b, g in layers if b is not None)
     return out
@@ -187,9 +187,7 @@ def model_provenance(loaded: LoadedModel, converted_dir: Path) -> dict[str, Any]
         "revision": spec.revision or "",
         "hub_repo": spec.hub_repo or "",
         "context_length": loaded.context_length,
-        "chat_template_sha256": template_hash(
-            getattr(loaded.tokenizer, "chat_template", None)
-        ),
+        "chat_template_sha256": template_hash(getattr(loaded.tokenizer, "chat_template", None)),
         "chat_template_overridden": bool(spec.chat_template),
         "compute_dtype": _compute_dtype(loaded.model),
         "device": _device(),
@@ -267,3 +265,131 @@ def trace_text(entries: list[dict[str, Any]]) -> str:
         raw = entry.get("bytes")
         data += bytes(raw) if raw else str(entry.get("token", "")).encode("utf-8")
     return data.decode("utf-8", errors="replace")
+
+
+# --- the exact prompt, rendered again on demand ----------------------------------------------
+#
+# Storing each reply's rendered prompt would make a long conversation's storage quadratic (every
+# reply repeats all the turns before it). The prompt tree already holds each message once, the
+# row holds how many turns were trimmed and how the reply was continued, and the provenance holds
+# the template's hash: the web process renders the prompt again from the model folder's own
+# tokenizer when someone opens it, and says so when the template changed since.
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A reply's prompt as the engine rendered it, or why it cannot be shown."""
+
+    text: str = ""
+    problem: str = ""
+    # The chat template is not the one the reply was written with (its hash differs).
+    template_changed: bool = False
+    raw: bool = False  # a completion prompt, sent without a template
+    messages: int = 0
+    trimmed: int = 0
+
+
+_tokenizers: dict[tuple[str, int], Any] = {}
+_tokenizers_lock = threading.Lock()
+MAX_CACHED_TOKENIZERS = 4
+
+
+def _tokenizer_for(folder: Path, template_override: str | None) -> Any:
+    """The folder's tokenizer (transformers, no weights), cached by folder and modification
+    time."""
+    from transformers import AutoTokenizer
+
+    config = folder / "tokenizer_config.json"
+    key = (f"{folder.resolve()}\0{template_override or ''}", config.stat().st_mtime_ns)
+    with _tokenizers_lock:
+        tokenizer = _tokenizers.get(key)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if template_override:
+            tokenizer.chat_template = template_override
+        with _tokenizers_lock:
+            if len(_tokenizers) >= MAX_CACHED_TOKENIZERS:
+                _tokenizers.pop(next(iter(_tokenizers)))
+            _tokenizers[key] = tokenizer
+    return tokenizer
+
+
+def _tokenizer_folder(model_id: str) -> tuple[Path | None, str | None, str]:
+    """(the folder holding the model's tokenizer, its chat template override, the problem)."""
+    from django.conf import settings
+
+    from inference.catalogue import UnknownModel, get_catalogue
+    from inference.loader import converted_path
+
+    try:
+        spec = get_catalogue().get(model_id)
+    except UnknownModel:
+        return None, None, f"the model {model_id!r} is no longer in the catalogue"
+    source = spec.local_path()
+    if source is None:
+        return None, None, f"the model {model_id!r} is not on this machine any more"
+    folder = source
+    if spec.kind == "gguf":
+        folder = converted_path(spec, settings.MLXWEB_CONVERTED_DIR)
+    base = getattr(spec, "base_id", None)
+    if not (folder / "tokenizer_config.json").is_file() and base:
+        return _tokenizer_folder(str(base))  # a LoRA adapter: its base model's tokenizer
+    if not (folder / "tokenizer_config.json").is_file():
+        return None, None, "the model's tokenizer files are not on this machine (not loaded yet)"
+    return folder, spec.chat_template, ""
+
+
+def rendered_prompt(generation: Any) -> RenderedPrompt:
+    """The exact text the engine tokenized for `generation` (a `Generation`): its prompt
+    messages through the same message shaping and chat template, less the turns the engine
+    trimmed to fit the context, plus a continued reply's prefix."""
+    from inference.engine import (
+        _template_knows,
+        _template_messages,
+        _template_renders_tools,
+    )
+
+    messages = generation.prompt_messages()
+    if len(messages) == 1 and messages[0]["role"] == "raw":
+        return RenderedPrompt(text=messages[0]["content"], raw=True, messages=1)
+    folder, override, problem = _tokenizer_folder(generation.model_id)
+    if folder is None:
+        return RenderedPrompt(problem=problem, messages=len(messages))
+    try:
+        tokenizer = _tokenizer_for(folder, override)
+    except (OSError, ValueError) as e:
+        return RenderedPrompt(problem=f"the tokenizer cannot be read: {e}", messages=len(messages))
+    params = GenerationParams.model_validate(generation.params or {})
+    tools = [t.as_template_tool() for t in params.tools] if params.uses_tools else []
+    native = bool(tools) and _template_renders_tools(tokenizer)
+    shaped = _template_messages(
+        messages,
+        tools=tools,
+        native_tools=native,
+        developer=_template_knows(tokenizer, "developer"),
+    )
+    system = shaped[:1] if shaped and shaped[0].get("role") == "system" else []
+    turns = shaped[len(system) :][generation.trimmed_messages :]
+    details = generation.details or {}
+    prefix = generation.text[: int(details.get("prefix_chars") or 0)]
+    try:
+        if getattr(tokenizer, "chat_template", None):
+            kwargs: dict[str, Any] = {"tools": tools} if native else {}
+            text = tokenizer.apply_chat_template(
+                system + turns, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in system + turns)
+            text += "assistant:"
+    except Exception as e:  # a template that raises on these messages (jinja's own errors)
+        return RenderedPrompt(problem=f"the chat template failed: {e}", messages=len(messages))
+    recorded = (generation.provenance or {}).get("chat_template_sha256")
+    changed = bool(recorded) and recorded != template_hash(
+        getattr(tokenizer, "chat_template", None)
+    )
+    return RenderedPrompt(
+        text=str(text) + prefix,
+        template_changed=changed,
+        messages=len(messages),
+        trimmed=generation.trimmed_messages,
+    )
