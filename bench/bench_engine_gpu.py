@@ -107,7 +107,14 @@ SHAPES: dict[str, dict[str, Any]] = {
 FORMATS = ("q4", "q8", "bf16")
 # "engine-nocache" is our engine with its prompt-prefix cache off: it shows what the cache's
 # fetch (a deep copy and trim of the nearest cached KV) and insert cost a new conversation.
-SYSTEMS = ("raw", "engine", "engine-nocache", "server")
+SYSTEMS = ("raw", "engine", "engine-nocache", "server", "spec-agree", "spec-random")
+# Speculative decoding (one stream, the engine with and without the model's draft): the draft is
+# the model's first DRAFT_LAYERS layers. "spec-random": the built model as it is (random layers
+# after those: the draft rarely agrees, the cost side). "spec-agree": a copy whose later layers
+# write nothing to the residual stream (their output projections zeroed) but still compute, so
+# the draft agrees with it: the gain when acceptance is high.
+SPEC_SYSTEMS = ("spec-agree", "spec-random")
+DRAFT_LAYERS = 4
 DEFAULT_SYSTEMS = ("raw", "engine", "server")
 GROUP_SIZE = 64
 # Warm-ups: one full-length single stream, and this many tokens for each N-stream shape.
@@ -133,6 +140,7 @@ class StreamResult:
     decode_s: float  # first token to last token
     tokens: int
     finish: str
+    details: dict[str, Any] = field(default_factory=dict)  # the engine's Finished.details
 
     @property
     def decode_tps(self) -> float:
@@ -173,6 +181,8 @@ class SystemResult:
     peak_memory_gb: float = 0.0
     error: str = ""
     skipped: list[str] = field(default_factory=list)
+    # Speculative systems: the same target decoded without the draft, one stream.
+    plain: list[StreamResult] = field(default_factory=list)
 
     def ttft_ms(self) -> float | None:
         return statistics.median(r.ttft_s for r in self.single) * 1000 if self.single else None
@@ -229,6 +239,7 @@ class Settings:
     budget_s: float
     server_start_timeout_s: float
     request_timeout_s: float
+    num_draft_tokens: int = 3
 
 
 class OverBudget(Exception):
@@ -516,6 +527,7 @@ class _Collector:
         self.first: dict[str, float] = {}
         self.first_tokens: dict[str, int] = {}
         self.finished: dict[str, tuple[float, int, str, str]] = {}
+        self.details: dict[str, dict[str, Any]] = {}
         self.waiting = set(ids)
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -535,6 +547,7 @@ class _Collector:
                     event.finish_reason,
                     event.error,
                 )
+                self.details[event.request_id] = dict(getattr(event, "details", {}) or {})
                 self.waiting.discard(event.request_id)
                 if not self.waiting:
                     self.done.set()
@@ -569,7 +582,13 @@ def engine_run(
         if reason == "error":
             raise RuntimeError(f"engine: request failed: {error}")
         first = collector.first.get(request.id, end)
-        stream = StreamResult(first - started, end - first, tokens, _engine_finish(reason))
+        stream = StreamResult(
+            first - started,
+            end - first,
+            tokens,
+            _engine_finish(reason),
+            collector.details.get(request.id, {}),
+        )
         # The first Delta normally carries token 1; if it carried k > 1 (a token that made no
         # text yet), stretch decode_s so that decode_tps is (tokens - k) / (end - first).
         at_first = collector.first_tokens.get(request.id, 1)
@@ -641,6 +660,169 @@ def run_engine(
         result.peak_memory_gb = _peak_gb()
         engine.stop(timeout=60)
         _free()
+
+
+# --------------------------------------------------------------------------- speculative decoding
+
+
+def _rewrite_layers(src: Path, dest: Path, *, keep: int, truncate: bool) -> None:
+    """Copy the model in `src` to `dest`: with only its first `keep` layers (`truncate`), or
+    with every later layer's output projections (attention o_proj, MLP down_proj) zeroed, so
+    those layers still compute but add nothing to the residual stream."""
+    import mlx.core as mx
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    if truncate:
+        config["num_hidden_layers"] = keep
+        (dest / "config.json").write_text(json.dumps(config, indent=2))
+
+    def layer_of(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[2]) if key.startswith("model.layers.") else None
+
+    kept_keys: set[str] = set()
+    for file in sorted(dest.glob("*.safetensors")):
+        weights = mx.load(str(file))
+        assert isinstance(weights, dict)
+        out = {}
+        for key, value in weights.items():
+            layer = layer_of(key)
+            if layer is not None and layer >= keep:
+                if truncate:
+                    continue
+                silenced = (".o_proj." in key or ".down_proj." in key) and (
+                    key.endswith((".scales", ".biases")) or value.dtype != mx.uint32
+                )
+                if silenced:
+                    value = mx.zeros_like(value)
+            out[key] = value
+        kept_keys.update(out)
+        mx.save_safetensors(str(file), out, metadata={"format": "mlx"})
+        del weights, out
+        gc.collect()
+    index = dest / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k in kept_keys}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def run_speculative(
+    model_dir: Path, settings: Settings, result: SystemResult, clock: Clock, *, agree: bool
+) -> None:
+    """One stream through the engine on a target with a draft (its first DRAFT_LAYERS layers):
+    `--repeats` runs without the draft (enable_speculative off) and with it, same prompts."""
+    from inference.catalogue import Catalogue
+    from inference.config import ModelConfig
+    from inference.engine import Engine
+    from mlxweb.config import Config, ServerConfig
+
+    layers = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+    keep = min(DRAFT_LAYERS, max(1, layers // 2))
+    work = model_dir.parent
+    target_id = f"{model_dir.name}-{'agree' if agree else 'random'}"
+    draft_id = f"{model_dir.name}-draft"
+    target_dir, draft_dir = work / target_id, work / draft_id
+    if agree:
+        _rewrite_layers(model_dir, target_dir, keep=keep, truncate=False)
+    elif not target_dir.exists():
+        target_dir.symlink_to(model_dir.resolve(), target_is_directory=True)
+    if not draft_dir.exists():
+        _rewrite_layers(model_dir, draft_dir, keep=keep, truncate=True)
+
+    def model_config(model_id: str, draft: str | None) -> ModelConfig:
+        return ModelConfig.model_validate(
+            {
+                "id": model_id,
+                "name": model_id,
+                "source": {"path": model_id},
+                "context_length": 8192,
+                "draft_model": draft,
+                "num_draft_tokens": settings.num_draft_tokens,
+            }
+        )
+
+    config = Config(
+        server=ServerConfig(default_model=target_id, models_dir=work),
+        models={
+            target_id: model_config(target_id, draft_id),
+            draft_id: model_config(draft_id, None),
+        },
+    )
+    try:
+        for speculative in (False, True):
+            engine = Engine(
+                catalogue=Catalogue(config, work),
+                converted_dir=work / ".converted",
+                max_new_tokens=settings.max_tokens,
+                prompt_cache_entries=0,
+                enable_speculative=speculative,
+            )
+            _free()
+            _reset_peak()
+            engine.start()
+            try:
+                started = time.perf_counter()
+                engine.load(target_id)
+                if speculative:
+                    result.load_s = time.perf_counter() - started
+                clock.check("speculative warm-up")
+                engine_run(engine, target_id, 1, settings.max_tokens, settings)
+                runs = result.single if speculative else result.plain
+                for _ in range(settings.repeats):
+                    clock.check("speculative single")
+                    runs.append(
+                        engine_run(engine, target_id, 1, settings.max_tokens, settings).streams[0]
+                    )
+            finally:
+                if speculative:
+                    result.peak_memory_gb = _peak_gb()
+                engine.stop(timeout=60)
+                _free()
+    except OverBudget as e:
+        result.skipped.append(str(e))
+    finally:
+        if agree:
+            shutil.rmtree(target_dir, ignore_errors=True)
+        elif target_dir.is_symlink():
+            target_dir.unlink()
+
+
+def _spec_rows(model: ModelResult) -> list[str]:
+    rows = []
+    for key in SPEC_SYSTEMS:
+        s = model.systems.get(key)
+        if s is None or not s.single:
+            continue
+        stats = [r.details.get("speculative") or {} for r in s.single]
+        rates = [x["acceptance_rate"] for x in stats if "acceptance_rate" in x]
+        per_step = [x["tokens_per_step"] for x in stats if "tokens_per_step" in x]
+        reported = [x["speedup"] for x in stats if x.get("speedup")]
+        plain = statistics.median(r.decode_tps for r in s.plain) if s.plain else None
+        spec = s.decode_tps()
+        rows.append(
+            f"| {key} | {_fmt(statistics.median(rates) if rates else None, 2)} | "
+            f"{_fmt(statistics.median(per_step) if per_step else None, 2)} | {_fmt(plain)} | "
+            f"{_fmt(spec)} | {_ratio(spec, plain)} | "
+            f"{_fmt(statistics.median(reported) if reported else None, 2)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        f"Speculative decoding, one stream, draft = the first {DRAFT_LAYERS} layers (half of a "
+        "smaller model) "
+        "(spec-agree: the target's later layers write nothing, so the draft agrees; "
+        "spec-random: the model as built, its later layers random):",
+        "",
+        "| system | acceptance | tokens / step | decode tok/s, no draft | with draft | "
+        "speed-up | speed-up the engine reported |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 # --------------------------------------------------------------------------- mlx_lm.server
@@ -896,6 +1078,14 @@ def run(
                             model.prompt_tokens, model.logits_check = run_raw(
                                 model_dir, settings, outcome, clock
                             )
+                        elif system in SPEC_SYSTEMS:
+                            run_speculative(
+                                model_dir,
+                                settings,
+                                outcome,
+                                clock,
+                                agree=system == "spec-agree",
+                            )
                         elif system.startswith("engine"):
                             run_engine(
                                 model_dir,
@@ -990,10 +1180,12 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
             "engine": "mlxweb Engine",
             "engine-nocache": "mlxweb Engine, no prompt cache",
             "server": "mlx_lm.server",
+            "spec-agree": "mlxweb Engine + draft (agreeing)",
+            "spec-random": "mlxweb Engine + draft (random)",
         }
         for key in SYSTEMS:
             s = model.systems.get(key)
-            if s is None:
+            if s is None or key in SPEC_SYSTEMS:
                 continue
             peak = _fmt(s.peak_memory_gb, 2) if key != "server" else "—"
             lines.append(
@@ -1021,6 +1213,7 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
                 )
                 + " |"
             )
+        lines += _spec_rows(model)
         lines.append("")
         for key in SYSTEMS:
             s = model.systems.get(key)
@@ -1170,6 +1363,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="words in the user message (default: 120)",
     )
     parser.add_argument(
+        "--num-draft-tokens",
+        type=_bounded(1, 16),
+        default=3,
+        help="draft tokens per step of the spec-agree / spec-random systems (default: 3)",
+    )
+    parser.add_argument(
         "--decode-batch",
         type=_bounded(1, 1024),
         default=64,
@@ -1235,6 +1434,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         budget_s=args.budget_s,
         server_start_timeout_s=args.server_start_timeout_s,
         request_timeout_s=args.request_timeout_s,
+        num_draft_tokens=args.num_draft_tokens,
     )
 
 
