@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from inference.catalogue import Catalogue
+from inference.config import ModelConfig
 from inference.engine import Engine, Finished, GenerationRequest
 from inference.memory import (
     NotEnoughMemory,
@@ -57,9 +58,9 @@ def size(tiny_model_dir: Path) -> int:
 def make_engine(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
-    def make(**options: Any) -> Engine:
+    def make(models: dict[str, ModelConfig] | None = None, **options: Any) -> Engine:
         server = ServerConfig.model_validate({"default_model": "a"})
-        catalogue = Catalogue(Config(server=server, models={}), models_dir)
+        catalogue = Catalogue(Config(server=server, models=models or {}), models_dir)
         options.setdefault("max_loaded_models", 4)
         engine = Engine(catalogue=catalogue, converted_dir=tmp_path / "converted", **options)
         engine.start()
@@ -144,17 +145,29 @@ def test_a_model_bigger_than_the_whole_budget_is_refused_with_the_reason(
 def test_keep_alive_unloads_each_idle_model_on_its_own_clock(
     make_engine: Callable[..., Engine], size: int
 ) -> None:
-    engine = make_engine(memory_budget_bytes=size * 4, keep_alive=600)
+    # a's own config keeps it 20 minutes; the others have the server's 10.
+    a = ModelConfig.model_validate(
+        {
+            "id": "a",
+            "name": "a",
+            "source": {"path": "a"},
+            "context_length": 2048,
+            "keep_alive": "20m",
+        }
+    )
+    engine = make_engine({"a": a}, memory_budget_bytes=size * 4, keep_alive=600)
     served(engine, "a")
     served(engine, "b")
     served(engine, "c")
-    # b is kept for good (Ollama's keep_alive -1), c goes at once, a keeps the server's 600 s.
+    now = time.time()
+    info = {i["model_id"]: i for i in engine.loaded_models()}
+    assert now + 1100 < info["a"]["expires_at"] <= now + 1200
+    assert now + 500 < info["b"]["expires_at"] <= now + 600
+    # Per request (Ollama's keep_alive): b is kept for good, c goes at once.
     assert engine.unload_after("b", None) is None
     engine.unload_after("c", 0)
     assert loaded(engine) == ["a", "b"]
-    info = {i["model_id"]: i for i in engine.loaded_models()}
-    assert time.time() + 500 < info["a"]["expires_at"] <= time.time() + 600
-    assert info["b"]["expires_at"] is None
+    assert {i["model_id"]: i for i in engine.loaded_models()}["b"]["expires_at"] is None
     # A request's keep-alive of half a second for a: it goes on its own clock, b stays.
     expires = engine.unload_after("a", 0.5)
     assert expires is not None and expires <= time.time() + 0.5
