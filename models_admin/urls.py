@@ -15,6 +15,7 @@ urlpatterns = [
     path("<uuid:code>/validate/", views.validate, name="validate"),
     path("<uuid:code>/export-gguf/", views.export_gguf, name="export_gguf"),
     path("<uuid:code>/delete/", views.delete, name="delete"),
+    path("memory/", views.memory_panel, name="memory"),
     path("jobs/<uuid:code>/", views.job_detail, name="job_detail"),
     path("jobs/<uuid:code>/progress/", views.job_progress, name="job_progress"),
     path("jobs/<uuid:code>/cancel/", views.job_cancel, name="job_cancel"),

@@ -330,6 +330,14 @@ def job_detail(request: HttpRequest, code: UUID) -> HttpResponse:
 
 @require_GET
 @staff_required
+def memory_panel(request: HttpRequest) -> HttpResponse:
+    """The "In memory" fragment of the Models page; htmx polls it every 5 s."""
+    context = {"memory": services.memory_overview()}
+    return render(request, "models_admin/index.html#memory-panel", context)
+
+
+@require_GET
+@staff_required
 def job_progress(request: HtmxRequest, code: UUID) -> HttpResponse:
     """The job's progress fragment; htmx polls it every second until the job ends."""
     job = _get_job(code)

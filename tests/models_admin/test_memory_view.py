@@ -123,3 +123,21 @@ def test_it_lists_the_lora_adapters_with_their_base_or_what_is_wrong(
     lost = panel[panel.index("lost-lora") :]
     assert "is not in the catalogue" in lost[: lost.index("</tr>")]
     assert "&lt;i&gt;gone&lt;/i&gt;" in lost and "<i>gone" not in lost
+
+
+def test_the_panel_refreshes_itself_for_staff_only(
+    admin_client: Client, owner_client: Client, client: Client, table: ReservationTable
+) -> None:
+    url = reverse("models_admin:memory")
+    beat("w1", budget_bytes=4 * GB, used_bytes=GB, loaded=[{"model_id": "tiny", "bytes": GB}])
+
+    response = admin_client.get(url, headers={"HX-Request": "true"})
+
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert html.lstrip().startswith('<section class="panel memory-panel"')
+    assert f'hx-get="{url}"' in html and "tiny" in html and "25%" in html
+    assert "<html" not in html
+    assert owner_client.get(url).status_code == 403
+    assert client.get(url).status_code == 302
+    assert admin_client.post(url).status_code == 405
