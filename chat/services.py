@@ -79,7 +79,9 @@ def conversation_path(
     branches."""
     by_id: dict[int, Message] = {}
     children: dict[int | None, list[Message]] = {}
-    for message in conversation.messages.select_related("generation").order_by("id"):
+    # Tool steps in one query too: the page asks every reply whether a call is pending.
+    rows = conversation.messages.select_related("generation").prefetch_related("tool_steps")
+    for message in rows.order_by("id"):
         by_id[message.pk] = message
         children.setdefault(message.parent_id, []).append(message)
     # Without a leaf (rows written by hand), the newest message.
