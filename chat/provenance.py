@@ -194,6 +194,7 @@ def versions_of(conversation: Conversation, message_code: str) -> list[Message]:
         Message.objects.filter(conversation=conversation, parent_id=target.parent_id)
         .filter(role=Message.Role.ASSISTANT)
         .select_related("generation")
+        .defer("generation__token_trace")  # the compare page shows no tokens
         .order_by("id")
     )
 
