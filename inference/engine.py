@@ -60,11 +60,11 @@ MAX_SHARED_SAMPLERS = 256
 # Scheduling order of GenerationRequest.priority: lower goes first.
 PRIORITY_RANK = {"interactive": 0, "batch": 1}
 # However long the decode step took, a prefill chunk may take at least this share of
-# target_latency_ms, so a prompt always makes progress.
-MIN_PREFILL_SHARE = 0.25
-# A prompt's first chunk, before the model's prefill speed is measured: tokens per second
-# of budget (16 tokens in a 100 ms budget).
-INITIAL_CHUNK_RATE = 160.0
+# target_latency_ms (or of the decode step, when that is longer), so a prompt always moves.
+MIN_PREFILL_SHARE = 0.5
+# A prompt's first chunk, before the model's prefill speed is measured: seconds per token
+# beyond the cost of a one-token forward pass.
+INITIAL_TOKEN_S = 0.005
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # Every this many speculative steps, one step runs without the draft to measure the plain
@@ -287,9 +287,11 @@ class _Slot:
     draft: LoadedModel | None = None
     draft_id: str = ""
     num_draft_tokens: int = 0
-    # Measured: a first chunk's tokens per second of budget; seconds per token of a plain
-    # one-stream step (what speculative decoding is compared with).
-    chunk_rate: float = INITIAL_CHUNK_RATE
+    # Measured: a one-token forward pass (the fixed cost of any chunk); seconds per prompt
+    # token beyond it on a first chunk; seconds per token of a plain one-stream step (what
+    # speculative decoding is compared with).
+    fixed_s: float = 0.0
+    token_s: float = INITIAL_TOKEN_S
     solo_token_s: float = 0.0
     # Built on first use: llguidance's tokenizer, each token's text and bytes for logprobs,
     # whether the chat template renders tools itself.
@@ -354,7 +356,7 @@ class _Seq:
     sampler: Any
     processors: list[Any]
     max_tokens: int
-    chunk: float  # prompt tokens per second of step budget, measured on its last chunk
+    token_s: float  # seconds per prompt token beyond a forward's fixed cost (last chunk)
     prefilled: bool = False
     next: Any = None  # mx.array of shape (1,)
     next_logprobs: Any = None
@@ -1324,7 +1326,7 @@ class Engine:
             sampler=sampler,
             processors=processors,
             max_tokens=1,
-            chunk=slot.chunk_rate,
+            token_s=slot.token_s,
         )
         if self._may_speculate(slot, params, processors, cache):
             from mlx_lm.models.cache import make_prompt_cache
@@ -1365,6 +1367,8 @@ class Engine:
             rows = sum(1 for a in slot.active.values() if a.phase == "batch")
             self._batch_step(slot)
         decode_s = time.perf_counter() - began
+        if rows == 1:
+            slot.fixed_s = decode_s if not slot.fixed_s else 0.8 * slot.fixed_s + 0.2 * decode_s
         if slot.prefilling:
             self._prefill_step(slot, decode_s if rows else 0.0, rows)
 
@@ -1474,7 +1478,7 @@ class Engine:
             sampler=self._sampler(params, len(slot.loaded.tokenizer)),
             processors=[],
             max_tokens=active.tokens + max(1, remaining),
-            chunk=slot.chunk_rate,
+            token_s=slot.token_s,
             prefilled=True,
         )
         self._make_solo(slot, active)
@@ -1522,11 +1526,11 @@ class Engine:
 
     def _prefill_step(self, slot: _Slot, decode_s: float, rows: int) -> None:
         """Prefill chunks within this step's budget: what target_latency_ms leaves after the
-        decode step (at least MIN_PREFILL_SHARE of it) and max_batch_tokens less the decode
-        rows. Each request's chunk follows its measured speed (attention makes later chunks
-        of a long prompt slower)."""
+        decode step (at least MIN_PREFILL_SHARE of it, or of the decode step if longer), and
+        max_batch_tokens less the decode rows. Each request's chunk follows its measured
+        speed (attention makes later chunks of a long prompt slower)."""
         target = self.target_latency_s
-        budget = max(target - decode_s, target * MIN_PREFILL_SHARE)
+        budget = max(target - decode_s, max(target, decode_s) * MIN_PREFILL_SHARE)
         tokens_left = max(1, self.max_batch_tokens - rows)
         order = sorted(
             slot.prefilling,
@@ -1544,7 +1548,9 @@ class Engine:
             seq = active.seq
             if seq is None or active.finished:
                 continue
-            n = int(seq.chunk * left)
+            # A chunk costs a forward pass (fixed_s) plus its tokens: fill what is left, or
+            # when the fixed cost alone exceeds it, overshoot by no more than half of it.
+            n = int(max(left - slot.fixed_s, 0.5 * left) / seq.token_s)
             n = max(1, min(n, tokens_left, self.prefill_step_size, len(seq.rest)))
             began = time.perf_counter()
             try:
@@ -1556,12 +1562,12 @@ class Engine:
             elapsed = max(time.perf_counter() - began, 1e-6)
             spent += elapsed
             tokens_left -= n
-            # Tokens per second of budget for the next chunk (at most doubling, since cost
-            # per token is not flat): converges on chunks that take the budget.
-            rate = n / elapsed
-            seq.chunk = min(rate, 2.0 * max(seq.chunk, 1.0 / budget))
+            # The cost per token beyond the fixed one, measured the way chunks are sized (a
+            # chunk grows at most twofold: attention makes tokens dearer as the prompt grows).
+            token_s = max(elapsed - slot.fixed_s, 0.5 * elapsed) / n
+            seq.token_s = max(token_s, 0.5 * seq.token_s)
             if active.prefill_chunks == 1 and len(seq.fed) <= 2 * n:
-                slot.chunk_rate = rate
+                slot.token_s = token_s
 
     def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
         """Run `n` prompt tokens through the model on the request's own cache; the last
