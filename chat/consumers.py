@@ -167,9 +167,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _title_after_reply(self) -> None:
         """Start the title once the first reply has ended (every tab asks; one starts it)."""
-        generation = await database_sync_to_async(services.title_start)(
-            conversation=self.conversation
-        )
+        try:
+            generation = await database_sync_to_async(services.title_start)(
+                conversation=self.conversation
+            )
+        except Exception:  # a title is a nicety: it must never break the conversation's socket
+            logger.exception("title of conversation %s", self.conversation.code)
+            return
         if generation is not None:
             self._title_codes.add(str(generation.code))
 

@@ -51,12 +51,15 @@ def _action(kind: str, **fields: Any) -> str:
 
 
 async def _reply(conversation: Conversation) -> Message:
-    return await (
+    """The newest reply."""
+    reply = await (
         Message.objects.filter(conversation=conversation, role="assistant")
         .select_related("generation")
         .order_by("-id")
         .afirst()
     )
+    assert reply is not None
+    return reply
 
 
 async def test_a_regenerated_reply_and_the_title_reach_every_tab(
@@ -234,4 +237,44 @@ async def test_it_refuses_actions_on_another_conversations_messages(
         assert "Secret" not in frame
     assert await Message.objects.filter(conversation_id=reply.conversation_id).acount() == 2
     assert await Conversation.objects.acount() == 2
+    await tab.disconnect()
+
+
+@pytest.fixture
+def tiny_conversation(owner, models_root, tiny_model_dir, settings):  # type: ignore[no-untyped-def]
+    """A conversation with the tiny model (a library entry) and a fresh real engine."""
+    import shutil
+
+    from inference import worker as inference_worker
+
+    shutil.copytree(tiny_model_dir, models_root / "tiny")
+    inference_worker.stop_engine()
+    yield Conversation.objects.create(user=owner, model_id="tiny")
+    inference_worker.stop_engine()
+
+
+@pytest.mark.timeout(300)
+async def test_through_the_real_engine_a_greedy_regeneration_repeats_the_reply_and_a_title_comes(
+    owner, tiny_conversation, running_worker
+) -> None:
+    conversation = tiny_conversation
+    tab = await _connect(owner, conversation)
+    await tab.send_to(text_data=_action("send", text="Hello", temperature=0, max_tokens=8))
+    await _frames_until(tab, 'class="body md"', limit=500)
+    # The title's end refreshes the list (the reply's own frames came before it).
+    await _frames_until(tab, 'id="sidebar"', limit=500)
+    title = await Generation.objects.aget(notify_group=services.title_group(conversation))
+    assert title.state == Generation.State.COMPLETE
+    await conversation.arefresh_from_db()
+    expected = services.title_from_text(title.content or title.text) or "Hello"
+    assert conversation.title == expected
+
+    old = await _reply(conversation)
+    await tab.send_to(text_data=_action("regenerate", message=str(old.code)))
+    await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    await _frames_until(tab, 'class="body md"', limit=500)
+    new = await _reply(conversation)
+    assert new.pk != old.pk and new.generation is not None and old.generation is not None
+    assert new.generation.prompt_id == old.generation.prompt_id
+    assert new.generation.text == old.generation.text  # greedy, the same prompt
     await tab.disconnect()
