@@ -302,6 +302,26 @@ def _replayable(
     return params, provenance, details
 
 
+def _trace_covering(trace: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """The first tokens of `trace` whose text is exactly `prefix` ([] if no whole number of
+    tokens is). The first token's leading space may be missing from the text: detokenizers
+    trim it. One pass over the tokens' byte lengths; only a candidate end is decoded."""
+    from inference.provenance import trace_text
+
+    wanted = len(prefix.encode("utf-8"))
+    size = 0
+    for end, entry in enumerate(trace, start=1):
+        raw = entry.get("bytes")
+        size += len(raw) if raw else len(str(entry.get("token", "")).encode("utf-8"))
+        if size in (wanted, wanted + 1):
+            text = trace_text(trace[:end])
+            if text == prefix or (text.startswith(" ") and text[1:] == prefix):
+                return trace[:end]
+        if size > wanted + 1:
+            break
+    return []
+
+
 class NotContinuable(ValueError):
     """The reply cannot be continued (still running, a raw completion, no prompt); the message
     says why."""
@@ -336,8 +356,6 @@ def generation_continue(
     Raises NotContinuable, UnknownModel, NotAGenerationModel, GenerationLimitReached and
     GenerationQueueFull.
     """
-    from inference.provenance import trace_text
-
     if generation.is_active:
         raise NotContinuable("the reply is still being written: wait for it or stop it")
     prompt = generation.prompt if generation.prompt_id is not None else None
@@ -365,15 +383,7 @@ def generation_continue(
     if trace_prefix is None:
         trace_prefix = []
         if source_trace:
-            # The longest run of whole tokens whose text is the prefix (the first token's
-            # leading space may be missing from the text: detokenizers trim it).
-            for end in range(len(source_trace), 0, -1):
-                text = trace_text(source_trace[:end])
-                if len(text) < len(prefix):
-                    break
-                if text == prefix or (text.startswith(" ") and text[1:] == prefix):
-                    trace_prefix = source_trace[:end]
-                    break
+            trace_prefix = _trace_covering(source_trace, prefix)
     details.update(continues=str(generation.code), prefix_chars=len(prefix))
     if trace_prefix and all(isinstance(entry.get("id"), int) for entry in trace_prefix):
         # The engine takes these tokens as they are instead of tokenizing the text again.
