@@ -502,8 +502,8 @@ class _Entry:
     cache: list[Any]
     nbytes: int
     trimmable: bool
-    # Where it came from until first reused: "memory" (a finished request), "disk" (loaded
-    # for a prompt) or "warm" (loaded when its conversation was opened).
+    # Where it came from: "memory" (a request in this process), "disk" (loaded for a prompt)
+    # or "warm" (loaded when its conversation was opened).
     origin: str = "memory"
 
 
@@ -570,7 +570,7 @@ class PromptCacheStore:
             if e is entry:
                 self._entries.move_to_end(k)
                 break
-        source, entry.origin = entry.origin, "memory"
+        source = entry.origin
         cache = for_use(entry.cache)
         excess = len(entry.tokens) - reuse
         if excess and trim_prompt_cache(cache, excess) != excess:
