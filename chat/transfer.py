@@ -105,6 +105,8 @@ class GenerationIn(_Loose):
     trimmed_messages: int = Field(default=0, ge=0, le=10**9)
     provenance: dict[str, Any] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
+    # Only on a branch's first reply: the system prompt it was sent ("" for none).
+    system_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     created_at: AwareDatetime | None = None
     started_at: AwareDatetime | None = None
     first_token_at: AwareDatetime | None = None
@@ -243,6 +245,12 @@ def _step_dict(step: ToolStep) -> dict[str, Any]:
     }
 
 
+def _at_root(message: Message, by_pk: dict[int, Message]) -> bool:
+    """Whether `message` answers a first message (its prompt starts the conversation)."""
+    parent = by_pk.get(message.parent_id) if message.parent_id is not None else None
+    return parent is not None and parent.parent_id is None
+
+
 def conversation_dict(conversation: Conversation) -> dict[str, Any]:
     """The conversation with every branch: messages in the order they were written (a parent
     before its children), each naming its parent by id."""
@@ -256,15 +264,22 @@ def conversation_dict(conversation: Conversation) -> dict[str, Any]:
         }
         messages.append((message, item))
     codes = {m.pk: str(m.code) for m, _ in messages}
+    by_pk = {m.pk: m for m, _ in messages}
     out = []
     for message, item in messages:
         item["parent"] = codes.get(message.parent_id) if message.parent_id else None
         if message.role == Message.Role.USER:
             item["content"] = message.content
         else:
-            item["generation"] = (
-                _generation_dict(message.generation) if message.generation is not None else None
-            )
+            generation = message.generation
+            item["generation"] = _generation_dict(generation) if generation is not None else None
+            if generation is not None and _at_root(message, by_pk):
+                # The system prompt as this branch's first reply was sent it (placeholders
+                # filled in), so that an import builds the very same prompt.
+                first = generation.prompt_messages()[:1]
+                item["generation"]["system_prompt"] = (
+                    first[0]["content"] if first and first[0]["role"] == "system" else ""
+                )
             item["tool_steps"] = [_step_dict(s) for s in message.tool_steps.all()]
         out.append(item)
     return {
@@ -533,8 +548,16 @@ def _draft_from_ours(conversation: ConversationIn, index: int) -> _Draft:
                 )
         elif message.role != Message.Role.USER:
             raise ImportRejected(f"{where}: the first message of a branch must be the user's.")
-        if message.role == Message.Role.ASSISTANT and message.generation is None:
-            raise ImportRejected(f"{where}: reply {message.id!r} has no generation.")
+        generation = message.generation
+        if message.role == Message.Role.ASSISTANT and generation is None:
+            # A reply whose record was deleted before the export: kept as a failed reply, so
+            # that what hangs below it still has its place.
+            generation = GenerationIn(
+                model_id=conversation.model_id,
+                state=Generation.State.ERROR,
+                finish_reason=Generation.FinishReason.ERROR,
+                error="The reply was gone when the conversation was exported.",
+            )
         seen[message.id] = message
         nodes.append(
             _Node(
@@ -543,7 +566,7 @@ def _draft_from_ours(conversation: ConversationIn, index: int) -> _Draft:
                 role=message.role,
                 content=message.content,
                 created_at=message.created_at,
-                generation=message.generation,
+                generation=generation,
                 steps=message.tool_steps,
             )
         )
@@ -808,8 +831,12 @@ def _write_reply(
                 ChatMessage(role="tool", content=s.result, tool_call_id=s.call_id, name=s.name)
                 for s in steps
             ]
-    elif system:
-        pending.insert(0, ChatMessage(role="system", content=system))
+    else:
+        # The system prompt the original reply was sent, when the file says; else the
+        # conversation's own.
+        sent = source.system_prompt if source.system_prompt is not None else system
+        if sent:
+            pending.insert(0, ChatMessage(role="system", content=sent))
     model_id = models(source.model_id)
     params = _params(model_id, source.params, report, "reply settings")
     finish_reason = source.finish_reason or (

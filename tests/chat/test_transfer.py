@@ -26,6 +26,7 @@ from inference.schemas import ChatMessage
 
 MODEL = "smollm2-135m-instruct"
 FIXTURE = Path(__file__).parent / "fixtures" / "chatgpt_conversations.json"
+SENT_SYSTEM = "Be brief. Today is 2026-11-27."
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +40,11 @@ def _generation(
     owner: User, text: str, *, previous: Generation | None, user_text: str, **kw: Any
 ) -> Generation:
     params = inference.generation_params(model_id=MODEL, overrides={"temperature": 0.3})
+    # A branch's first reply was sent the system prompt, rendered (its {date} filled in).
+    system = [ChatMessage(role="system", content=SENT_SYSTEM)] if previous is None else []
     generation = inference.generation_record(
         model_id=MODEL,
-        messages=[ChatMessage(role="user", content=user_text)],
+        messages=[*system, ChatMessage(role="user", content=user_text)],
         text=text,
         params=params,
         previous=previous,
@@ -62,7 +65,7 @@ def branched(owner: User, models_root: Path) -> Conversation:
         model_id=MODEL,
         title="Branches & <things>",
         preset="balanced",
-        system_prompt="Be brief.",
+        system_prompt="Be brief. Today is {date}.",
         params={"temperature": 0.3},
         pinned=True,
         title_edited=True,
@@ -183,11 +186,14 @@ def test_json_round_trip_keeps_the_tree_texts_settings_and_details(
     assert leaf.generation is not None
     prompt = [(m["role"], m["content"]) for m in leaf.generation.prompt_messages()]
     assert prompt == [
-        ("system", "Be brief."),
+        ("system", SENT_SYSTEM),
         ("user", "First question"),
         ("assistant", "Answer one"),
         ("user", "Second"),
     ]
+    original = Message.objects.select_related("generation").get(pk=branched.leaf.pk)  # type: ignore[union-attr]
+    assert original.generation is not None
+    assert leaf.generation.prompt_messages() == original.generation.prompt_messages()
     # And exporting the copy gives the same document, ids and export time aside.
     again = json.loads(transfer.conversation_json(copy))["conversation"]
     original = document["conversation"]
@@ -201,6 +207,23 @@ def test_json_round_trip_keeps_the_tree_texts_settings_and_details(
                 step["files"] = []
         del doc["id"]
     assert again == original
+
+
+@pytest.mark.django_db
+def test_a_reply_whose_record_was_deleted_exports_and_imports_as_a_failed_reply(
+    owner: User, branched: Conversation
+) -> None:
+    regenerated = Message.objects.get(conversation=branched, generation__text="Answer one, again")
+    Generation.objects.filter(message=regenerated).delete()  # the message keeps its place
+    [copy] = transfer.import_file(
+        user=owner, data=transfer.conversation_json(branched)
+    ).conversations
+    failed = Message.objects.select_related("generation").get(
+        conversation=copy, generation__state=Generation.State.ERROR
+    )
+    assert failed.generation is not None and failed.generation.text == ""
+    assert "gone when the conversation was exported" in failed.generation.error
+    assert copy.messages.count() == branched.messages.count()
 
 
 @pytest.mark.django_db
