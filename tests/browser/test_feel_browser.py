@@ -18,6 +18,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from chat.markdown import render_markdown
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -234,22 +235,32 @@ def test_it_streams_markdown_stops_on_esc_and_announces_the_end(desk: Page, live
     expect(live).not_to_be_empty(timeout=60_000)
     # What shows is rendered markdown, not the raw text.
     expect(live.locator("p").first).to_be_attached()
-    # A code fence and a list arriving mid-stream look right before the end: append them the
-    # way htmx appends a delta, as text to the hidden source (again if the worker's snapshot,
-    # sent when the socket connects, replaced the live reply in between).
+    # A code fence and a list arriving mid-stream look right before the end, and reasoning
+    # (the worker's "reasoning" channel) opens the Thinking section: append them the way htmx
+    # appends a delta, as text to the hidden sources (again if the worker's snapshot, sent when
+    # the socket connects, replaced the live reply in between).
     page.wait_for_function(
-        """(text) => {
-            const sources = document.querySelectorAll('.live .stream-source[id$="-text"]');
-            if (!sources.length) return false;
-            const source = sources[sources.length - 1];
-            if (!source.textContent.includes(text)) source.append(document.createTextNode(text));
-            const live = source.nextElementSibling;
-            const code = live.querySelector("pre code");
-            const items = [...live.querySelectorAll("ul > li")].map((li) => li.textContent);
-            return !!code && code.textContent === "x = 1\\n" && items.includes("first");
+        """([text, thought]) => {
+            const lives = document.querySelectorAll("article.assistant .live");
+            if (!lives.length) return false;
+            const live = lives[lives.length - 1];
+            const answer = live.querySelector('.stream-source[id$="-text"]');
+            const reasoning = live.querySelector('.stream-source[id$="-reasoning"]');
+            if (!answer.textContent.includes(text)) answer.append(document.createTextNode(text));
+            if (!reasoning.textContent) reasoning.append(document.createTextNode(thought));
+            const code = live.querySelector(".streaming pre code");
+            const items = [...live.querySelectorAll(".streaming ul > li")].map(
+                (li) => li.textContent
+            );
+            const thinking = live.querySelector("details.thinking");
+            return !!code && code.textContent === "x = 1\\n" && items.includes("first") &&
+                !thinking.hidden && thinking.open && !!thinking.querySelector(".md-live em");
         }""",
-        arg="\n\n```\nx = 1\n```\n\n- first\n- second\n\n",
+        arg=["\n\n```\nx = 1\n```\n\n- first\n- second\n\n", "Let me *think*."],
         timeout=30_000,
+    )
+    expect(page.locator("article.assistant details.thinking summary").last).to_have_text(
+        "Thinking…"
     )
     # Esc stops it (focus in the message box, as it is after sending).
     page.locator("#composer textarea[name=text]").focus()
@@ -264,7 +275,15 @@ def test_it_streams_markdown_stops_on_esc_and_announces_the_end(desk: Page, live
     page.goto(live_site.url + "/")
     _send(page, "A short one", max_tokens=4)
     page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
-    expect(page.locator("article.assistant .body.md")).to_have_count(1, timeout=60_000)
+    # Reloaded until the row is final: a reply that ends between the page's render and its
+    # socket joining the conversation gets no final frame (the consumer syncs only the replies
+    # still active when it connects), and this one takes a fraction of a second.
+    wait_until(
+        lambda: page.reload() and page.locator("article.assistant .body.md").count() == 1,
+        timeout=60,
+        interval=0.5,
+        what="the short reply's final render",
+    )
     box = page.locator("#composer textarea[name=text]")
     box.fill("And another")
     box.press("Enter")
