@@ -3,10 +3,11 @@ keeps every branch, the copy button copies, delete asks first. The tiny model an
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import FilePayload, Page, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -115,3 +116,39 @@ def test_delete_asks_first_then_takes_the_reply_and_shows_the_other_version(page
     page.reload()
     expect(page.locator("article.assistant")).to_have_count(1)
     expect(_reply(page).locator(".versions")).to_have_count(0)
+
+
+
+def test_code_blocks_copy_and_a_link_to_a_message_is_marked(page: Page, live_site) -> None:
+    # A reply with a code block, which the tiny model does not write: this conversation exported,
+    # the text of the reply shown replaced, imported back (the import opens it).
+    code = re.search(r"/c/([0-9a-f-]{36})/", page.url).group(1)  # type: ignore[union-attr]
+    document = page.request.get(f"{live_site.url}/c/{code}/export/json/").json()
+    conversation = document["conversation"]
+    leaf = next(m for m in conversation["messages"] if m["id"] == conversation["leaf"])
+    assert leaf["role"] == "assistant"
+    leaf["generation"]["text"] = leaf["generation"]["content"] = (
+        "Here:\n\n```python\nprint('copied')\n```\n"
+    )
+    conversation["title"] = "Code sample"
+    page.goto(live_site.url + "/import/")
+    page.set_input_files(
+        "input[type=file]",
+        files=FilePayload(
+            name="code.json", mimeType="application/json", buffer=json.dumps(document).encode()
+        ),
+    )
+    page.click("form.import-form button[type=submit]")
+    expect(page.locator("#thread-header input[name=title]")).to_have_value("Code sample")
+
+    button = _reply(page).locator("button.copy-code")
+    expect(button).to_be_visible()
+    button.click()
+    expect(button).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "print('copied')"
+
+    # A search hit's link: the message is marked and scrolled to.
+    question = page.locator("article.user").last.get_attribute("id")
+    assert question is not None
+    page.goto(page.url.split("?")[0] + "?m=" + question.removeprefix("message-"))
+    expect(page.locator("article.message.is-target")).to_have_attribute("id", question)
