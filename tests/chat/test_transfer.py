@@ -407,8 +407,9 @@ def test_views_export_import_and_guard_owners(
     assert json.loads(empty.read("mlxweb-conversations.json"))["conversations"] == []
 
     # Importing the archive (a zip) through the page: both conversations come back.
-    page = owner_client.get(reverse("chat:transfer"))
-    assert page.status_code == 200 and 'enctype="multipart/form-data"' in page.content.decode()
+    form_page = owner_client.get(reverse("chat:transfer"))
+    assert form_page.status_code == 200
+    assert 'enctype="multipart/form-data"' in form_page.content.decode()
     upload = SimpleUploadedFile("all.zip", archive.fp.getvalue(), "application/zip")  # type: ignore[union-attr]
     response = owner_client.post(reverse("chat:transfer"), {"file": upload})
     [copy] = Conversation.objects.filter(user=owner).exclude(pk=branched.pk)
