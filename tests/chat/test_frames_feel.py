@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from chat.frames import delta_frame, model_choices, snapshot_frame
+from chat.frames import delta_frame, model_choices, snapshot_frame, unavailable_reason
 from chat.templatetags.chat_tags import model_notice
+from inference.catalogue import ModelSpec
 
 
 def test_it_appends_answer_deltas_to_the_live_text() -> None:
@@ -68,3 +69,24 @@ def test_it_tells_a_conversation_its_model_is_gone() -> None:
     )
     assert "gone-model, is no longer on this server" in notice("gone-model")
     assert model_notice(None, models) == ""
+
+
+def test_it_words_the_reason_for_each_kind_of_missing_model(tmp_path: Path) -> None:
+    def spec(**values: object) -> ModelSpec:
+        return ModelSpec(id="m", name="M", context_length=2048, **values)  # type: ignore[arg-type]
+
+    empty = tmp_path / "half-converted"
+    empty.mkdir()
+
+    assert unavailable_reason(spec(kind="hub", hub_repo="org/model")) == (
+        "not downloaded yet (org/model from the Hugging Face Hub)"
+    )
+    assert unavailable_reason(spec(kind="gguf", path=tmp_path / "m.gguf")) == (
+        "its GGUF file is missing from the models folder"
+    )
+    assert unavailable_reason(spec(kind="mlx", path=empty)) == (
+        "its folder has no config.json (an incomplete download or conversion)"
+    )
+    assert unavailable_reason(spec(kind="mlx", path=tmp_path / "gone")) == (
+        "its folder is missing from the models folder"
+    )
