@@ -352,7 +352,9 @@ def tool_steps_record(*, reply: Message) -> list[ToolStep]:
     user unless allowed in this conversation. Returns the steps it made: none when the reply
     called no tools or another tab made them first."""
     reply = (
-        Message.objects.select_for_update()
+        # Only the message row is locked: PostgreSQL refuses FOR UPDATE on the nullable side
+        # of the generation's outer join.
+        Message.objects.select_for_update(of=("self",))
         .select_related("generation", "conversation")
         .get(pk=reply.pk)
     )
@@ -578,6 +580,10 @@ def branch_switch(*, conversation: Conversation, message_code: str) -> Message:
     the newest message below it. Returns the new leaf."""
     target = _message_for(conversation, message_code)
     leaf = newest_leaf(conversation, target)
+    current = Conversation.objects.filter(pk=conversation.pk).values_list("leaf_id", flat=True)
+    # A streaming reply stays on the branch shown: its tokens go to its place on the page.
+    if leaf.pk != current.first() and active_replies(conversation=conversation):
+        raise ChatError("Wait for the reply to finish, or stop it, before switching versions.")
     Conversation.objects.filter(pk=conversation.pk).update(leaf=leaf)
     conversation.leaf = leaf
     return leaf

@@ -146,6 +146,13 @@ def test_switching_a_version_shows_its_branch_down_to_the_newest_message(convers
     assert path[1].sibling_index == 1  # type: ignore[attr-defined]
     services.branch_switch(conversation=conversation, message_code=str(a1b.code))
     assert _leaf(conversation) == a1b
+    # While a reply streams, the branch shown stays (its tokens go to its place on the page).
+    conversation.refresh_from_db()
+    _, running = services.message_send(conversation=conversation, text="And Spain?")
+    with pytest.raises(services.ChatError, match="before switching versions"):
+        services.branch_switch(conversation=conversation, message_code=str(turns["a1"].code))
+    services.branch_switch(conversation=conversation, message_code=str(running.code))
+    assert _leaf(conversation) == running
 
 
 def test_editing_a_message_makes_a_new_branch_with_a_new_reply(conversation) -> None:
