@@ -51,10 +51,26 @@
     const follow = messages ? nearBottom(messages) : false;
     target.innerHTML = window.mlxwebMarkdown.render(source.textContent);
     typeset(target);
-    const thinking = source.closest("details.thinking");
-    if (thinking && source.textContent.trim()) thinking.hidden = false;
+    noteThinking(source);
     lastRender.set(id, performance.now());
     if (messages && follow) messages.scrollTop = messages.scrollHeight;
+  }
+
+  // The Thinking section shows as soon as reasoning arrives, and says how long it took once
+  // the answer starts (measured here; after the end the row's render says it).
+  function noteThinking(source) {
+    const live = source.closest(".live");
+    const details = live && live.querySelector("details.thinking");
+    if (!details || !source.textContent.trim()) return;
+    if (source.id.endsWith("-reasoning")) {
+      details.hidden = false;
+      if (!live.dataset.thinkingSince) live.dataset.thinkingSince = String(Date.now());
+    } else if (!details.hidden && !live.dataset.thoughtFor) {
+      const since = Number(live.dataset.thinkingSince || 0);
+      const seconds = since ? Math.max(1, Math.round((Date.now() - since) / 1000)) : 0;
+      live.dataset.thoughtFor = String(seconds);
+      details.querySelector("summary").textContent = seconds ? "Thought for " + seconds + " s" : "Thought";
+    }
   }
 
   function scheduleRender(source) {
