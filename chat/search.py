@@ -12,9 +12,11 @@ Two engines, one behaviour:
   generation's one partial: finished replies only). PostgreSQL keeps them right by itself, and
   the queries below use the very same expressions so the planner uses the indexes.
 
-On SQLite, Django rebuilds a table (drop, copy, rename) for some later schema changes, which drops
-that table's triggers; `ensure_index` (run after every `migrate`, see `chat.apps`) puts missing
-triggers back and rebuilds the index from the tables when it had to.
+On SQLite, Django rebuilds a table (copy, drop, rename) for some later schema changes: that drops
+the table's triggers, and the rename fails while another table's trigger names it. So the
+triggers are dropped before migrations run and put back after, with the index refilled from the
+tables (`drop_before_migrate`, `repair_after_migrate`, connected in `chat.apps`); a search that
+finds them missing puts them back too.
 
 Highlights come back as segments (text, hit) for the template to autoescape: the engines mark
 hits with control characters that cannot reach the page as markup.
@@ -224,21 +226,35 @@ PG_INDEXES = {
 # --- installing ------------------------------------------------------------------------------
 
 
-def install(connection: BaseDatabaseWrapper) -> None:
-    """Create the index (tables and triggers, or GIN indexes) and fill it from the tables."""
+def install(connection: BaseDatabaseWrapper, *, triggers: bool = True) -> None:
+    """Create the index (FTS5 tables and, with `triggers`, their triggers; or GIN indexes)
+    and fill it from the tables."""
     with connection.cursor() as cursor:
         if connection.vendor == "sqlite":
             for sql in SQLITE_TABLES.values():
                 cursor.execute(
                     sql.replace("CREATE VIRTUAL TABLE", "CREATE VIRTUAL TABLE IF NOT EXISTS")
                 )
-            for sql in SQLITE_TRIGGERS.values():
-                cursor.execute(sql.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
+            if triggers:
+                for sql in SQLITE_TRIGGERS.values():
+                    cursor.execute(sql.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
             for sql in _SQLITE_REBUILD:
                 cursor.execute(sql)
         elif connection.vendor == "postgresql":
             for sql in PG_INDEXES.values():
                 cursor.execute(sql)
+
+
+def drop_triggers(connection: BaseDatabaseWrapper) -> None:
+    """SQLite: drop the triggers (the index stays; `ensure_index` puts them back and refills
+    it). Needed while migrations run: each trigger names other tables (a message's trigger
+    reads its generation, a generation's finds its message), and SQLite refuses to rename the
+    copy of a table Django rebuilds while a trigger elsewhere names the table it replaces."""
+    if connection.vendor != "sqlite":
+        return
+    with connection.cursor() as cursor:
+        for name in SQLITE_TRIGGERS:
+            cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
 
 
 def uninstall(connection: BaseDatabaseWrapper) -> None:
@@ -285,6 +301,17 @@ def ensure_index(connection: BaseDatabaseWrapper | None = None) -> list[str]:
     return missing
 
 
+def drop_before_migrate(
+    using: str = "default", plan: list[Any] | None = None, **kwargs: Any
+) -> None:
+    """pre_migrate receiver (see chat.apps): off with the SQLite triggers while migrations
+    run (see `drop_triggers`); `repair_after_migrate` puts them back."""
+    from django.db import connections
+
+    if plan:
+        drop_triggers(connections[using])
+
+
 def repair_after_migrate(using: str = "default", **kwargs: Any) -> None:
     """post_migrate receiver (see chat.apps): `ensure_index` on the migrated database."""
     from django.db import connections
@@ -301,6 +328,15 @@ def search(*, user: AbstractBaseUser, query: str, limit: int = DEFAULT_LIMIT) ->
     terms = query_terms(query)
     vendor = default_connection.vendor
     if vendor == "sqlite":
+        # Migrations run without the triggers; one run outside `manage.py migrate` (no
+        # post-migrate signal) would leave them off. Cheap to check, and it heals.
+        with default_connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE %s",
+                ["chat_search_%"],
+            )
+            if cursor.fetchone()[0] != len(SQLITE_TRIGGERS):
+                ensure_index(default_connection)
         title_rows, message_rows = _search_sqlite(user.pk, terms, limit)
     elif vendor == "postgresql":
         title_rows, message_rows = _search_postgresql(user.pk, terms, limit)

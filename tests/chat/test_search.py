@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.urls import reverse
@@ -200,22 +201,45 @@ def test_search_needs_a_sign_in(client: Client) -> None:
 
 @pytest.mark.django_db
 @pytest.mark.skipif(ON_POSTGRESQL, reason="SQLite's triggers")
-def test_sqlite_triggers_come_back_after_a_table_rebuild(owner: User) -> None:
-    """Django rebuilds a SQLite table for some schema changes, which drops its triggers; the
-    post-migrate repair puts them back and refills the index."""
+def test_sqlite_triggers_come_back_after_migrate_and_on_search(owner: User) -> None:
     conversation = _conversation(owner)
-    _say(conversation, "Before the rebuild: walrus")
+    _say(conversation, "Before: walrus")
     with connection.cursor() as cursor:
         cursor.execute("DROP TRIGGER chat_search_message_ai")
         cursor.execute("DELETE FROM chat_search_message")
     _say(conversation, "While the trigger was gone: narwhal")
-    assert search.search(user=owner, query="narwhal").count == 0
-    assert search.ensure_index(connection) == ["chat_search_message_ai"]
+    assert search.missing_parts(connection) == ["chat_search_message_ai"]
+    call_command("migrate", verbosity=0)  # nothing to apply; the post-migrate hook runs
+    assert search.missing_parts(connection) == []
     assert search.search(user=owner, query="walrus").count == 1
+    assert search.search(user=owner, query="narwhal").count == 1
+    # Migrations run outside the command (no hooks) would leave them off: a search heals.
+    search.drop_triggers(connection)
+    _say(conversation, "After: beluga")
+    assert search.search(user=owner, query="beluga").count == 1
+    assert search.missing_parts(connection) == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(ON_POSTGRESQL, reason="SQLite's table rebuilds")
+def test_later_migrations_can_rebuild_the_tables_the_triggers_name(owner: User) -> None:
+    """Django rebuilds a SQLite table (copy, drop, rename) for many schema changes; the rename
+    fails while a trigger on another table names the table, so `migrate` runs without them."""
+    conversation = _conversation(owner, "Walrus facts")
+    question = _say(conversation, "Tell me about the walrus")
+    _reply(conversation, question, "A walrus hauls out with its tusks.")
+    search.drop_before_migrate(plan=[("a migration", False)])  # what migrate's hooks do
+    with connection.schema_editor() as editor:
+        for model in (Generation, Message, Conversation):
+            editor._remake_table(model)
+    _say(conversation, "During the migration: narwhal", parent=question)
+    search.repair_after_migrate()
+    assert search.missing_parts(connection) == []
+    results = search.search(user=owner, query="walrus")
+    assert len(results.titles) == 1 and len(results.messages) == 2
     assert search.search(user=owner, query="narwhal").count == 1
     _say(conversation, "After: beluga")
     assert search.search(user=owner, query="beluga").count == 1
-    assert search.ensure_index(connection) == []
 
 
 @pytest.mark.scaleout
@@ -243,6 +267,6 @@ def test_the_same_tests_pass_on_postgresql(tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    # Every test above ran on PostgreSQL, except SQLite's own and this one.
+    # Every test above ran on PostgreSQL, except SQLite's own two and this one.
     assert re.search(r"\b8 passed\b", output), output[-2000:]
-    assert "2 skipped" in output, output[-2000:]
+    assert "3 skipped" in output, output[-2000:]
