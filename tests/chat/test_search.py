@@ -231,7 +231,7 @@ def test_later_migrations_can_rebuild_the_tables_the_triggers_name(owner: User) 
     search.drop_before_migrate(plan=[("a migration", False)])  # what migrate's hooks do
     with connection.schema_editor() as editor:
         for model in (Generation, Message, Conversation):
-            editor._remake_table(model)
+            editor._remake_table(model)  # type: ignore[attr-defined]
     _say(conversation, "During the migration: narwhal", parent=question)
     search.repair_after_migrate()
     assert search.missing_parts(connection) == []
