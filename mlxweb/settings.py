@@ -145,7 +145,15 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+            # redis-py 8 reads with a 5 s socket timeout by default, the length of
+            # channels_redis' blocking BZPOPMIN: a consumer that heard nothing for 5 s could
+            # time out on its read and die (redis/redis-py#4091). Reads may take the blocking
+            # call's 5 s and then some; a Redis that stops answering still fails them.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "capacity": 1000,
+                "expiry": 60,
+            },
         }
     }
 else:
