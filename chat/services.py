@@ -178,6 +178,7 @@ def _start_reply(
             params=generation_params,
             user=conversation.user,
             notify_group=conversation.group_name,
+            replayable=True,
         )
     except inference.GenerationLimitReached as e:
         raise ChatError(str(e)) from e
@@ -515,6 +516,7 @@ def tool_round_continue(*, reply: Message) -> Message | None:
             params=params,
             user=conversation.user,
             notify_group=conversation.group_name,
+            replayable=True,
         )
     except inference.GenerationLimitReached as e:
         raise ChatError(str(e)) from e
@@ -631,6 +633,7 @@ def message_regenerate(
                 params=generation_params,
                 user=conversation.user,
                 notify_group=conversation.group_name,
+                replayable=True,
             )
         except inference.GenerationLimitReached as e:
             raise ChatError(str(e)) from e
