@@ -58,11 +58,11 @@ def test_it_hides_other_users_conversations(stranger_client: Client, conversatio
 def test_it_lists_conversations_newest_first(owner_client: Client, owner, models_root) -> None:
     from django.utils import timezone
 
-    old = Conversation.objects.create(user=owner, model_id=MODEL, title="older")
+    old = Conversation.objects.create(user=owner, model_id=MODEL, title="Chat about owls")
     Conversation.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timedelta(1))
-    Conversation.objects.create(user=owner, model_id=MODEL, title="newer")
+    Conversation.objects.create(user=owner, model_id=MODEL, title="Chat about bats")
     body = owner_client.get(reverse("chat:index")).content.decode()
-    assert body.index("newer") < body.index("older")
+    assert body.index("Chat about bats") < body.index("Chat about owls")
 
 
 def test_it_creates_a_conversation_with_its_first_message(
