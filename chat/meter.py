@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 from pydantic import ValidationError
@@ -153,9 +155,41 @@ def _loaded(model_id: str) -> bool | None:
     return any(m.model_id == model_id for m in status.loaded)
 
 
+@dataclass(frozen=True)
+class ProbeQuestion:
+    """What to ask the worker about the next prompt (inference.services.aprompt_probe)."""
+
+    model_id: str
+    messages: list[ChatMessage]
+    params: GenerationParams
+
+
 def conversation_meter(conversation: Conversation, *, text: str, model_id: str = "") -> Meter:
-    """The meter for the next turn of `conversation`, with `text` typed so far and `model_id`
-    picked in the composer (the conversation's model when blank or unknown)."""
+    """The meter for the next turn of `conversation` from the database alone (no worker):
+    `text` typed so far and `model_id` picked in the composer (the conversation's model when
+    blank or unknown)."""
+    return _estimate(conversation, text=text, model_id=model_id)[0]
+
+
+async def aconversation_meter(
+    conversation: Conversation, *, text: str, model_id: str = ""
+) -> Meter:
+    """`conversation_meter`, with the worker's exact counts when it has the model loaded.
+
+    Async because the worker may run in this process: a sync view waiting for it would hold
+    the thread that the worker's consumer needs for its database hop, and time out."""
+    reading, question = await sync_to_async(_estimate)(conversation, text=text, model_id=model_id)
+    if question is None:
+        return reading
+    answer = await inference.aprompt_probe(
+        model_id=question.model_id, messages=question.messages, params=question.params
+    )
+    return with_probe_answer(reading, answer)
+
+
+def _estimate(
+    conversation: Conversation, *, text: str, model_id: str
+) -> tuple[Meter, ProbeQuestion | None]:
     try:
         spec = inference.model_get(model_id=model_id or conversation.model_id)
     except UnknownModel:
@@ -216,9 +250,10 @@ def conversation_meter(conversation: Conversation, *, text: str, model_id: str =
         speed=prefill_speed(spec.id),
         loaded=loaded,
     )
+    question = None
     if loaded and not writing:
-        reading = _probed(reading, conversation, sticky, generation, text=text, params=params)
-    return reading
+        question = _probe_question(conversation, sticky, generation, spec.id, text, params)
+    return reading, question
 
 
 def _next_prompt(
@@ -254,26 +289,26 @@ def _next_prompt(
     return [*turns, turn]
 
 
-def _probed(
-    reading: Meter,
+def _probe_question(
     conversation: Conversation,
     sticky: chat_presets.GenerationSettings,
     generation: Generation | None,
-    *,
+    model_id: str,
     text: str,
     params: GenerationParams,
-) -> Meter:
-    """`reading` with the worker's exact counts for the next prompt, when it answers."""
+) -> ProbeQuestion | None:
     try:
-        messages = _next_prompt(
-            conversation, sticky, generation, model_id=reading.model_id, text=text
-        )
+        messages = _next_prompt(conversation, sticky, generation, model_id=model_id, text=text)
         tools = services._tool_overrides(conversation)
         if tools:
             params = params.model_copy(update={"tools": GenerationParams(**tools).tools})
     except ValidationError:  # a row the prompt schema no longer takes: keep the estimate
-        return reading
-    answer = inference.prompt_probe(model_id=reading.model_id, messages=messages, params=params)
+        return None
+    return ProbeQuestion(model_id=model_id, messages=messages, params=params)
+
+
+def with_probe_answer(reading: Meter, answer: dict[str, Any] | None) -> Meter:
+    """`reading` with the worker's exact counts for the next prompt, when it answered."""
     if answer is not None and answer.get("loaded") is False:
         return replace(reading, loaded=False)  # unloaded since its heartbeat
     if answer is None or "error" in answer:

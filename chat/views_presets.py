@@ -12,8 +12,9 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from chat import frames, meter
@@ -217,18 +218,22 @@ def conversation_settings(request: SignedInRequest, code: UUID) -> HttpResponse:
 
 @require_POST
 @login_required
-def conversation_meter(request: SignedInRequest, code: UUID) -> HttpResponse:
+async def conversation_meter(request: SignedInRequest, code: UUID) -> HttpResponse:
     """The context meter and what the prompt cache holds for the next turn, for the text
-    typed so far (posted, debounced, by the composer; nothing is saved)."""
-    conversation = _get_conversation_for_user(request, code)
+    typed so far (posted, debounced, by the composer; nothing is saved). Async: it may wait
+    for the worker's exact counts (chat.meter.aconversation_meter)."""
+    user = await request.auser()
+    assert user.pk is not None  # @login_required
+    conversation = await Conversation.objects.filter(code=code, user_id=user.pk).afirst()
+    if conversation is None:
+        raise Http404("No such conversation.")
     text = request.POST.get("text", "")[:100_000]
     model_id = request.POST.get("model", "")[:100]
-    reading = meter.conversation_meter(conversation, text=text, model_id=model_id)
-    return render(
-        request,
-        "chat/parts/composer_meter.html",
-        {"meter": reading, "conversation": conversation},
+    reading = await meter.aconversation_meter(conversation, text=text, model_id=model_id)
+    html = render_to_string(
+        "chat/parts/composer_meter.html", {"meter": reading, "conversation": conversation}
     )
+    return HttpResponse(html)
 
 
 def new_chat_settings(request: SignedInRequest, conversation: Conversation) -> None:

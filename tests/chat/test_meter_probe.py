@@ -4,21 +4,25 @@ asks about is the one the send would build."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from chat import services
+from chat import meter, services
 from chat.models import Conversation
 from inference import services as inference
 from inference import worker as inference_worker
+from inference.models import Generation
 from inference.schemas import ChatMessage, GenerationParams
 
 MODEL = "smollm2-135m-instruct"
@@ -132,7 +136,7 @@ def test_the_meter_shows_the_workers_exact_counts(
     )
     asked: list[list[ChatMessage]] = []
 
-    def probe(*, model_id: str, messages: list[ChatMessage], params: Any) -> dict[str, Any]:
+    async def probe(*, model_id: str, messages: list[ChatMessage], params: Any) -> dict[str, Any]:
         asked.append(messages)
         return {
             "type": "cache.probe_result",
@@ -143,7 +147,7 @@ def test_the_meter_shows_the_workers_exact_counts(
             "trimmed_messages": 0,
         }
 
-    monkeypatch.setattr(inference, "prompt_probe", probe)
+    monkeypatch.setattr(inference, "aprompt_probe", probe)
     response = owner_client.post(
         reverse("chat:meter", args=[conversation.code]), {"text": "Two", "model": MODEL}
     )
@@ -159,3 +163,56 @@ def test_the_meter_shows_the_workers_exact_counts(
         ("assistant", "Uno."),
         ("user", "Two"),
     ]
+
+
+@pytest.fixture
+def tiny_in_library(models_root: Path, tiny_model_dir: Path) -> str:
+    shutil.copytree(tiny_model_dir, models_root / "tiny")
+    return "tiny"
+
+
+@pytest.fixture
+def real_engine(settings):  # type: ignore[no-untyped-def]
+    inference_worker.stop_engine()
+    yield
+    inference_worker.stop_engine()
+
+
+async def _finished(generation_id: int, timeout: float = 120) -> Generation:
+    async with asyncio.timeout(timeout):
+        while True:
+            generation = await Generation.objects.aget(pk=generation_id)
+            if not generation.is_active:
+                return generation
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(300)
+async def test_through_the_real_engine_the_meter_predicts_the_next_turn(
+    owner: User, tiny_in_library: str, real_engine: None, running_worker: None
+) -> None:
+    conversation = await Conversation.objects.acreate(
+        user=owner, model_id=tiny_in_library, system_prompt="You are terse."
+    )
+    greedy = {"temperature": 0.0, "max_tokens": 8}
+    _, reply = await sync_to_async(services.message_send)(
+        conversation=conversation, text="Hello there", params=greedy
+    )
+    assert reply.generation is not None
+    first = await _finished(reply.generation.pk)
+    assert first.state == "complete", first.error
+    await inference_worker.WorkerRuntime.current().write_heartbeat()  # not in up to 5 s
+    await conversation.arefresh_from_db()
+    reading = await meter.aconversation_meter(conversation, text="And then?")
+    assert reading.probed and reading.loaded
+    assert reading.used == first.prompt_tokens + first.completion_tokens
+    assert reading.cached > 0
+    # What the next turn then gets is what the meter said.
+    _, second_reply = await sync_to_async(services.message_send)(
+        conversation=conversation, text="And then?", params=greedy
+    )
+    assert second_reply.generation is not None
+    second = await _finished(second_reply.generation.pk)
+    assert second.prompt_tokens == reading.next_prompt
+    assert second.cached_tokens == reading.cached
