@@ -5,6 +5,8 @@ Rendered from the page's own partials (templates/chat/parts/), like chat.frames.
 
 from __future__ import annotations
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.template.loader import render_to_string
 
 from chat import services
@@ -26,3 +28,14 @@ def branch_frame(*, conversation: Conversation, messages: bool = True, location:
         "location": location,
     }
     return render_to_string(TEMPLATE, context)
+
+
+def branch_broadcast(*, conversation: Conversation, messages: bool = True) -> None:
+    """Send every open tab of the conversation the branch frame (for changes made over HTTP: a
+    form posted without the socket, a ?m= link), so that none shows a branch it no longer
+    continues."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    html = branch_frame(conversation=conversation, messages=messages)
+    async_to_sync(layer.group_send)(conversation.group_name, {"type": "chat.html", "html": html})

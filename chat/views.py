@@ -27,7 +27,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from django_htmx.middleware import HtmxDetails
 from pydantic import ValidationError
 
-from chat import frames, services
+from chat import branch_frames, frames, services
 from chat import presets as chat_presets
 from chat.branches import branch_action
 from chat.forms import RenameForm, SignupForm
@@ -85,8 +85,13 @@ def conversation_detail(request: SignedInRequest, code: UUID) -> HttpResponse:
     if "m" in request.GET:
         try:
             # The branch shown is the conversation's, so the next turn goes where it is seen.
-            services.branch_switch(conversation=conversation, message_code=request.GET["m"])
+            leaf_before = conversation.leaf_id
+            leaf = services.branch_switch(
+                conversation=conversation, message_code=request.GET["m"]
+            )
             scroll_to = UUID(request.GET["m"])
+            if leaf.pk != leaf_before:
+                branch_frames.branch_broadcast(conversation=conversation)
         except services.ChatError as e:
             messages.error(request, str(e))
     context = _page_context(request, conversation)
@@ -304,6 +309,10 @@ def _branch_post(request: SignedInRequest, code: UUID, fields: dict[str, str]) -
     except UnknownModel:
         messages.error(request, f"Unknown model {request.POST.get('model')!r}.")
     else:
+        # Tabs with a socket open on this conversation follow, as they do for socket actions.
+        branch_frames.branch_broadcast(
+            conversation=conversation, messages=outcome.kind == "messages"
+        )
         if outcome.location:
             return redirect(outcome.location)
     return redirect("chat:detail", code=conversation.code)

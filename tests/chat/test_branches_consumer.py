@@ -278,3 +278,29 @@ async def test_through_the_real_engine_a_greedy_regeneration_repeats_the_reply_a
     assert new.generation.prompt_id == old.generation.prompt_id
     assert new.generation.text == old.generation.text  # greedy, the same prompt
     await tab.disconnect()
+
+
+async def test_forms_and_links_without_the_socket_update_the_open_tabs(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    from django.test import Client
+
+    tab = await _connect(owner, conversation)
+    await tab.send_to(text_data=_action("send", text="Say hello"))
+    await _frames_until(tab, 'class="body md"')
+    old = await _reply(conversation)
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+
+    # Another window without the socket regenerates: this tab shows the new version.
+    await sync_to_async(client.post)(f"/c/{conversation.code}/m/{old.code}/regenerate/")
+    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    assert "2/2" in frames
+    await _frames_until(tab, 'class="body md"')
+    # A search hit's link to the first version: the tab follows to that branch.
+    await sync_to_async(client.get)(f"/c/{conversation.code}/", {"m": str(old.code)})
+    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    assert "1/2" in frames
+    await sync_to_async(client.post)(f"/c/{conversation.code}/pin/", {"pinned": "on"})
+    await _frames_until(tab, ">Pinned</h2>")
+    await tab.disconnect()
