@@ -130,6 +130,10 @@ def test_the_details_popover_shows_the_replys_provenance(
     assert _url("reply_prompt", reply) in page
     assert _url("reply_tokens", reply) in page
     assert _url("reply_compare", reply) in page
+    # A reply that kept no trace offers no tokens to fork from.
+    Generation.objects.filter(pk=reply.generation.pk).update(details={})  # type: ignore[union-attr]
+    again = owner_client.get(reverse("chat:detail", args=[reply.conversation.code]))
+    assert _url("reply_tokens", reply) not in again.content.decode()
 
 
 def test_the_exact_prompt_is_rendered_with_the_models_template(

@@ -311,3 +311,20 @@ def test_an_active_or_raw_reply_cannot_be_continued(tiny: str) -> None:
     done.prompt.save()
     with pytest.raises(services.NotContinuable, match="raw completion"):
         services.generation_continue(generation=done)
+
+
+def test_the_trace_covering_a_prefix_is_a_whole_number_of_its_tokens() -> None:
+    trace = [
+        {"token": " Par", "id": 1},
+        {"token": "is", "id": 2},
+        {"token": " is", "id": 3},
+        {"token": "\ufffd", "bytes": [0xC3], "id": 4},
+        {"token": "\ufffd", "bytes": [0xA9], "id": 5},
+    ]
+    covering = services._trace_covering
+    # The reply's text lost its first token's space (detokenizers trim it).
+    assert covering(trace, "Paris") == trace[:2]
+    assert covering(trace, " Paris is") == trace[:3]
+    assert covering(trace, "Paris isé") == trace  # a character split over two tokens
+    assert covering(trace, "Pari") == []  # mid-token: the engine tokenizes the text
+    assert covering(trace, "Lyon") == []
