@@ -80,7 +80,8 @@
     root.querySelectorAll("p.socket-navigate[data-location]").forEach(function (link) {
       const location = link.dataset.location || "";
       link.remove();
-      if (location.startsWith("/")) window.location.assign(location);
+      // Only a path of this site (the server renders it; "//host" would leave the site).
+      if (location.startsWith("/") && !location.startsWith("//")) window.location.assign(location);
     });
   }
 
