@@ -264,7 +264,15 @@ def _renderer() -> MarkdownIt:
 
 def render_markdown(text: str) -> SafeString:
     """Safe HTML for a reply. Nothing in `text` can inject markup or scripts."""
-    return mark_safe(_renderer().render(text))
+    return mark_safe(_render_cached(text))
+
+
+# A finished reply renders the same every time: a long conversation opened again, or the earlier
+# messages it loads as they scroll into view, reuse the HTML (markdown and highlighting are most of
+# a reply's render time). Keyed by the text itself; a few thousand replies of a few KB.
+@lru_cache(maxsize=4096)
+def _render_cached(text: str) -> str:
+    return _renderer().render(text)
 
 
 # What the live view assumes a reply's reasoning looks like. The worker splits with the model's

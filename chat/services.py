@@ -80,7 +80,12 @@ def conversation_path(
     by_id: dict[int, Message] = {}
     children: dict[int | None, list[Message]] = {}
     # Tool steps in one query too: the page asks every reply whether a call is pending.
-    rows = conversation.messages.select_related("generation").prefetch_related("tool_steps")
+    # A reply's token trace (hundreds of bytes a token) is read only by the token view.
+    rows = (
+        conversation.messages.select_related("generation")
+        .defer("generation__token_trace")
+        .prefetch_related("tool_steps")
+    )
     for message in rows.order_by("id"):
         by_id[message.pk] = message
         children.setdefault(message.parent_id, []).append(message)
