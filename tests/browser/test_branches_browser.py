@@ -152,3 +152,13 @@ def test_code_blocks_copy_and_a_link_to_a_message_is_marked(page: Page, live_sit
     assert question is not None
     page.goto(page.url.split("?")[0] + "?m=" + question.removeprefix("message-"))
     expect(page.locator("article.message.is-target")).to_have_attribute("id", question)
+
+
+def test_fork_opens_a_new_conversation_with_the_path(page: Page) -> None:
+    before = page.url.split("?")[0]
+    question = page.locator("article.user").last.locator(".body").inner_text()
+    _reply(page).locator("button.fork").click()
+    expect(page.locator("#thread-header input[name=title]")).to_have_value("Code sample (fork)")
+    assert page.url.split("?")[0] != before
+    expect(page.locator("article.user").last.locator(".body")).to_have_text(question)
+    expect(_reply(page).locator("button.copy-code")).to_be_visible()
