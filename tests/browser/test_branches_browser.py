@@ -162,3 +162,14 @@ def test_fork_opens_a_new_conversation_with_the_path(page: Page) -> None:
     assert page.url.split("?")[0] != before
     expect(page.locator("article.user").last.locator(".body")).to_have_text(question)
     expect(_reply(page).locator("button.copy-code")).to_be_visible()
+
+
+def test_continue_writes_on_from_a_reply_that_hit_the_token_limit(page: Page) -> None:
+    reply = _reply(page)
+    expect(reply).to_contain_text("Hit the token limit")
+    before = reply.locator(".body.md").inner_text()
+    reply.locator("button.continue").click()
+    expect(_reply(page).locator(".version-index")).to_have_text("2/2")
+    _wait_for_reply(page)
+    after = _reply(page).locator(".body.md").inner_text()
+    assert after.startswith(before.rstrip()) and after != before
