@@ -307,6 +307,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def generation_snapshot(self, event: dict[str, Any]) -> None:
         await self.send(text_data=frames.snapshot_frame(code=event["code"], text=event["text"]))
 
+    async def generation_resumed(self, event: dict[str, Any]) -> None:
+        # The reply's worker went away and another goes on with its text (a new generation:
+        # inference.cluster.resume). Render the message, now the new one's, then ask for its
+        # exact text so far: its first deltas may have come before the page had its place.
+        reply = await database_sync_to_async(
+            lambda: (
+                Message.objects.select_related("generation")
+                .filter(conversation=self.conversation, generation__code=event["code"])
+                .first()
+            )
+        )()
+        if reply is None or reply.generation is None:
+            return
+        await self.send(text_data=await database_sync_to_async(frames.reply_frame)(reply))
+        if reply.generation.is_active:
+            await database_sync_to_async(inference.generation_request_sync)(
+                generation=reply.generation, reply_channel=self.channel_name
+            )
+
     async def generation_done(self, event: dict[str, Any]) -> None:
         reply = await database_sync_to_async(
             lambda: (

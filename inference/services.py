@@ -91,7 +91,7 @@ async def amodel_unload_after(*, model_id: str, seconds: float | None) -> dateti
     assert layer is not None, "CHANNEL_LAYERS is not configured"
     reply_channel = await layer.new_channel()
     await layer.send(
-        settings.INFERENCE_CHANNEL,
+        await _achannel_for_model(spec.id),
         {
             "type": "model.unload_after",
             "model_id": spec.id,
@@ -135,6 +135,15 @@ def generation_params(
     if params.max_tokens > cap:
         params = params.model_copy(update={"max_tokens": cap})
     return params
+
+
+async def _achannel_for_model(model_id: str) -> str:
+    """The channel of the worker that would serve `model_id` now (inference.cluster)."""
+    from channels.db import database_sync_to_async
+
+    from inference import cluster
+
+    return str(await database_sync_to_async(cluster.channel_for_model)(model_id))
 
 
 def _send(channel: str, message: dict[str, Any]) -> None:
@@ -269,10 +278,12 @@ def _check_generation_model(model_id: str) -> ModelSpec:
 
 
 def _start_on_commit(generation: Generation) -> None:
-    code = str(generation.code)
-    transaction.on_commit(
-        lambda: _send(settings.INFERENCE_CHANNEL, {"type": "generation.start", "code": code})
-    )
+    """Once committed, route the row to a worker (inference.cluster: one holding its model
+    with room, else one that can load it; the shared channel with none registered)."""
+    from inference import cluster
+
+    code, model_id = str(generation.code), generation.model_id
+    transaction.on_commit(lambda: cluster.send_start(code, model_id))
 
 
 def _replayable(
@@ -465,13 +476,26 @@ def generation_stop(*, generation: Generation) -> None:
     """Ask the worker to stop a generation; the text so far is kept and marked stopped."""
     if not generation.is_active:
         return
-    _send(settings.INFERENCE_CHANNEL, {"type": "generation.stop", "code": str(generation.code)})
+    from inference import cluster
+
+    # Recorded on the row too: if its worker dies before the stop lands, the failover ends it
+    # as stopped instead of continuing it.
+    cluster.mark_stop_requested(generation)
+    if cluster.is_dead(generation.worker_id):
+        cluster.reap_dead_workers()  # the web process noticed first: take its replies over
+        return
+    _send(
+        cluster.owner_channel(generation.worker_id),
+        {"type": "generation.stop", "code": str(generation.code)},
+    )
 
 
 def generation_request_sync(*, generation: Generation, reply_channel: str) -> None:
     """Ask the worker to send `reply_channel` the full text so far of an active generation."""
+    from inference import cluster
+
     _send(
-        settings.INFERENCE_CHANNEL,
+        cluster.owner_channel(generation.worker_id),
         {"type": "generation.sync", "code": str(generation.code), "reply_channel": reply_channel},
     )
 
@@ -487,7 +511,10 @@ def generation_warm(*, replies: Sequence[Generation | None]) -> None:
     if last is None or last.is_active or not (last.text or last.tool_calls):
         return
     try:
-        _send(settings.INFERENCE_CHANNEL, {"type": "generation.warm", "code": str(last.code)})
+        from inference import cluster
+
+        channel = cluster.channel_for_model(last.model_id)  # where the next turn will go
+        _send(channel, {"type": "generation.warm", "code": str(last.code)})
     except Exception as e:  # ChannelFull, a Redis hiccup: the next turn only starts colder
         logger.warning("could not ask to warm generation %s: %s", last.code, e)
 
@@ -509,7 +536,7 @@ async def aprompt_probe(
     assert layer is not None, "CHANNEL_LAYERS is not configured"
     reply_channel = await layer.new_channel()
     await layer.send(
-        settings.INFERENCE_CHANNEL,
+        await _achannel_for_model(model_id),
         {
             "type": "cache.probe",
             "model_id": model_id,
@@ -546,12 +573,15 @@ def generation_count_active(*, model_ids: Sequence[str]) -> int:
 
 
 def generation_mark_orphans_interrupted(*, worker_id: str) -> int:
-    """Mark generations left active by a worker that is gone as interrupted, keeping their text.
-
-    Called once when a worker starts: only one inference worker serves a deployment, so any
-    active generation that is not its own belongs to a dead one.
+    """Mark generations left active by workers that are gone as interrupted, keeping their
+    text: those of workers with no live heartbeat (never "whoever is not `worker_id`": other
+    workers may be alive). Interrupts only; `inference.cluster.reap_dead_workers`, which the
+    workers run, also continues them on a live worker.
     """
-    count = Generation.objects.active().exclude(worker_id=worker_id).interrupt()
+    from inference import cluster
+
+    alive = [w.worker_id for w in cluster.workers() if w.alive]
+    count = Generation.objects.active().exclude(worker_id__in=[worker_id, *alive]).interrupt()
     if count:
         logger.info("marked %d generation(s) of a dead worker interrupted", count)
     return count
@@ -705,7 +735,7 @@ async def aembed(
         "texts": texts,
         "reply_channel": reply_channel,
     }
-    await layer.send(settings.INFERENCE_CHANNEL, request)
+    await layer.send(await _achannel_for_model(spec.id), request)
     try:
         answer = await asyncio.wait_for(layer.receive(reply_channel), EMBEDDING_TIMEOUT_S)
     except TimeoutError as e:

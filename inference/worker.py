@@ -31,7 +31,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from inference import metrics
+from inference import cluster, metrics
 from inference.models import Generation, WorkerHeartbeat
 from inference.parsing import OutputFormat, OutputSplitter
 from inference.schemas import GenerationParams
@@ -41,10 +41,14 @@ logger = logging.getLogger(__name__)
 # How often the text of a streaming generation is written to its row. Reloads show the text as
 # of the last flush, then the worker's snapshot fills the gap.
 FLUSH_INTERVAL_S = 0.5
-# How often the worker writes its heartbeat row (inference.services.worker_status reads it).
-HEARTBEAT_S = 5.0
+# How often the worker writes its heartbeat row (inference.services.worker_status and the
+# routing in inference.cluster read it): MLXWEB_HEARTBEAT_S, 5 s unless set.
+HEARTBEAT_S = cluster.HEARTBEAT_S
 
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+# This worker's own channel (inference.cluster.worker_channel): starts routed to it, and stop
+# and sync for its replies, come there; it also listens on the shared `inference` channel.
+WORKER_CHANNEL = cluster.worker_channel(WORKER_ID)
 
 _engine_lock = threading.Lock()
 _engine: Any = None
@@ -133,6 +137,15 @@ def _idle_budget() -> int:
     return configured_budget()
 
 
+def _serves(model_id: str) -> bool:
+    """Whether this worker can serve `model_id`: any model, unless its engine is fixed to one
+    (a distributed group's, which has a `model_id`)."""
+    engine = _engine
+    if not _engine_fixed or engine is None:
+        return True
+    return getattr(engine, "model_id", model_id) == model_id
+
+
 def _now(ts: float | None = None) -> datetime:
     return datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
 
@@ -170,7 +183,16 @@ class _Stream:
 
 @database_sync_to_async
 def _load_queued(code: str) -> tuple[Generation, list[dict[str, Any]]] | None:
-    """The queued row and its prompt (one query for the row, one for the whole prompt)."""
+    """The queued row and its prompt (one query for the row, one for the whole prompt), once
+    this worker has claimed it: a row routed to another worker, or already started, is not
+    taken (a start that reached two workers runs once)."""
+    claimed = (
+        Generation.objects.filter(code=code, state=Generation.State.QUEUED)
+        .filter(worker_id__in=("", WORKER_ID))
+        .update(worker_id=WORKER_ID)
+    )
+    if not claimed:
+        return None
     generation = Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
     if generation is None:
         return None
@@ -183,17 +205,22 @@ def _write_heartbeat(
     queued: int,
     streaming: int,
     memory: dict[str, Any] | None = None,
-) -> None:
+    draining: bool = False,
+) -> bool:
+    """Write the row; True when it had to be made (first beat, or it was declared dead)."""
     defaults: dict[str, Any] = {
         "updated_at": _now(),
         "loaded": loaded,
         "queued": queued,
         "streaming": streaming,
+        "channel_name": WORKER_CHANNEL,
+        "draining": draining,
     }
     if memory is not None:
         defaults["budget_bytes"] = int(memory["budget_bytes"])
         defaults["used_bytes"] = int(memory["used_bytes"])
-    WorkerHeartbeat.objects.update_or_create(worker_id=WORKER_ID, defaults=defaults)
+    _, created = WorkerHeartbeat.objects.update_or_create(worker_id=WORKER_ID, defaults=defaults)
+    return bool(created)
 
 
 @database_sync_to_async
@@ -226,6 +253,9 @@ class WorkerRuntime:
         self.served: dict[str, int] = {}  # user -> when they last got a stream (a counter)
         self.serves = 0
         self.channel_layer = get_channel_layer()
+        # SIGTERM (inference.runner.drain): no new work; replies finish or are handed over.
+        self.draining = False
+        self.beats = 0
         self.pump_task = loop.create_task(self._pump())
         self.heartbeat_task = loop.create_task(self._heartbeat())
         # One lifetime: whoever stops the pump (shutdown, a test) stops the heartbeat too.
@@ -258,6 +288,14 @@ class WorkerRuntime:
             logger.info("generation %s is not queued any more; skipped", code)
             return
         generation, messages = loaded
+        if self.draining or not _serves(generation.model_id):
+            # Not for this worker (draining, or a group serving another model): pass it on.
+            target = await database_sync_to_async(cluster.pass_on)(
+                code, generation.model_id, me=WORKER_ID
+            )
+            if target:
+                logger.info("generation %s passed on to %s", code, target)
+                return
         from inference.engine import GenerationRequest
 
         params = GenerationParams.model_validate(generation.params)
@@ -316,6 +354,7 @@ class WorkerRuntime:
         ready = [u for u in self.waiting if self._active_count(u) < per_user]
         if not ready:
             return None
+
         # Interactive replies first (a person waits; titles and validation can), then the
         # user served longest ago.
         def background(u: str) -> bool:
@@ -344,12 +383,18 @@ class WorkerRuntime:
         metrics.ACTIVE_STREAMS.set(self._active_count())
 
     async def _heartbeat(self) -> None:
-        """Write this worker's status row every HEARTBEAT_S, for worker_status()."""
+        """Write this worker's status row every HEARTBEAT_S (worker_status() and the routing
+        read it), then look for workers whose heartbeat lapsed and take over their replies."""
         while True:
             try:
                 await self.write_heartbeat()
             except Exception:
                 logger.exception("could not write the worker's heartbeat")
+            if not self.draining:
+                try:
+                    await database_sync_to_async(cluster.reap_dead_workers)(me=WORKER_ID)
+                except Exception:
+                    logger.exception("could not look for dead workers")
             await asyncio.sleep(HEARTBEAT_S)
 
     async def write_heartbeat(self) -> None:
@@ -370,10 +415,73 @@ class WorkerRuntime:
                         "base_model": info.get("base_model"),
                         "loaded_at": _now(info["loaded_at"]).isoformat(),
                         "expires_at": _iso_or_none(info.get("expires_at")),
+                        # A group serves only its model: routing sends it no other.
+                        **({"exclusive": True} if _engine_fixed else {}),
                     }
                 )
         self._update_gauges()
-        await _write_heartbeat(loaded, self._queued_count(), self._active_count(), memory)
+        made = await _write_heartbeat(
+            loaded, self._queued_count(), self._active_count(), memory, self.draining
+        )
+        self.beats += 1
+        if made and self.beats > 1:
+            self._declared_dead()
+
+    def _declared_dead(self) -> None:
+        """This worker's row was gone: another process declared it dead (it missed its beats,
+        stalled) and handed its replies over. Drop them here, unwritten, so that the rows the
+        others took over are not written twice."""
+        logger.warning("this worker was declared dead while alive; dropping its replies")
+        engine = _engine
+        for code, stream in list(self.streams.items()):
+            if stream.submitted and not stream.finished and engine is not None:
+                engine.cancel(code)
+        self.streams.clear()
+        self.waiting.clear()
+        self._update_gauges()
+
+    async def hand_over(self) -> int:
+        """Draining with another worker alive: every reply here ends interrupted with its text
+        and goes on there (inference.cluster.hand_over_reply); the queued ones are routed
+        again. Returns how many were handed over."""
+        engine = _engine
+        handed = 0
+        for code, stream in list(self.streams.items()):
+            if stream.finished:
+                continue
+            self.streams.pop(code, None)  # the pump ignores its last events
+            if stream.submitted:
+                if engine is not None:
+                    engine.cancel(code)
+                await database_sync_to_async(cluster.hand_over_reply)(
+                    code, WORKER_ID, text=stream.text, tokens=stream.tokens
+                )
+            else:
+                queue = self.waiting.get(stream.user, deque())
+                for item in list(queue):
+                    if item[0] is stream:
+                        queue.remove(item)
+                if not queue:
+                    self.waiting.pop(stream.user, None)
+                await database_sync_to_async(cluster.pass_on)(
+                    code, stream.generation.model_id, me=WORKER_ID
+                )
+            handed += 1
+        self._update_gauges()
+        return handed
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM: take no new work (the row says draining at once), hand every reply to
+        another live worker, or with none let them finish for up to `timeout` seconds."""
+        self.draining = True
+        await self.write_heartbeat()
+        others = await database_sync_to_async(cluster.live_workers)(exclude={WORKER_ID})
+        if others and self.streams:
+            handed = await self.hand_over()
+            logger.info("draining: %d repl(ies) handed over", handed)
+        deadline = self.loop.time() + timeout
+        while any(not s.finished for s in self.streams.values()) and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
     async def _submit(self, stream: _Stream, request: Any) -> None:
         loop = self.loop
