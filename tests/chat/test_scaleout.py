@@ -76,21 +76,24 @@ def test_it_marks_a_reply_interrupted_when_its_worker_dies(scaled_site) -> None:
     assert state == "streaming"  # nobody is left to say otherwise...
     flushed = text
 
-    site.start("worker", "inference_worker", "--no-warm-up")  # ...until a worker starts
+    # ...until a worker starts and finds the dead one's heartbeat lapsed: it marks the reply
+    # and continues it as a new generation (inference.cluster; tests/scaleout/test_workers.py).
+    site.start("worker", "inference_worker", "--no-warm-up")
     wait_until(
         lambda: generation_rows(db_url)[0][0] != "streaming",
         timeout=60,
         interval=0.1,
         what="the new worker to mark the reply",
     )
-    [(state, text, _)] = generation_rows(db_url)
+    state, text, _ = generation_rows(db_url)[0]
     assert state == "interrupted"
     assert text == flushed and text, "the text written before the crash was kept"
 
 
 def test_it_keeps_the_text_when_the_worker_is_stopped(scaled_site) -> None:
     site, db_url = scaled_site
-    site.start("worker", "inference_worker")
+    # No other worker to hand the reply to, and no time to finish it: interrupted, text kept.
+    site.start("worker", "inference_worker", "--drain-timeout", "0")
     site.serve()
     client, code = sign_up_and_open_chat(site)
 
