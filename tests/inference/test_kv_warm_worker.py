@@ -65,7 +65,8 @@ def _restored() -> bool:
 async def test_opening_a_conversation_restores_its_cache_after_a_restart(
     worker: AsyncIterator[None], tmp_path: Path
 ) -> None:
-    question = "Tell me about the rivers and mountains of France, please. " * 3
+    # Long enough for its file to be worth reading (kvcache.MIN_DISK_REUSE tokens).
+    question = "Tell me about the rivers and mountains of France, please. " * 14
     first = await _reply(question)
     assert first.state == Generation.State.COMPLETE
     assert first.details["prompt_cache"] == "none"
