@@ -102,6 +102,7 @@ def gather_status(*, url: str | None = None, target: str | None = None) -> dict[
     """What `mlxweb status` reports, as one JSON-able dict."""
     from django.db import DatabaseError
 
+    from inference.cluster import workers as cluster_workers
     from inference.services import WorkerStatus, worker_status
     from mlxweb.cli.library import job_json
     from models_admin import services as library
@@ -148,6 +149,10 @@ def gather_status(*, url: str | None = None, target: str | None = None) -> dict[
             for m in state.loaded
         ]
     try:
+        workers = [_worker_json(w) for w in cluster_workers()]
+    except DatabaseError:
+        workers = []
+    try:
         library.job_reap_dead()
         jobs = list(
             ModelJob.objects.filter(state__in=ModelJob.ACTIVE_STATES).order_by("created_at")
@@ -162,7 +167,24 @@ def gather_status(*, url: str | None = None, target: str | None = None) -> dict[
         "checked_grpc": grpc_target,
         "worker": worker,
         "models": models,
+        "workers": workers,
         "jobs": [job_json(job) for job in jobs],
+    }
+
+
+def _worker_json(worker: Any) -> dict[str, Any]:
+    """One registered inference worker (inference.cluster.WorkerInfo) for `mlxweb status`."""
+    state = "draining" if worker.draining else "alive" if worker.alive else "not answering"
+    return {
+        "id": worker.worker_id,
+        "state": state,
+        "models": list(worker.models),
+        "used_bytes": worker.used_bytes,
+        "budget_bytes": worker.budget_bytes,
+        "active": worker.active,
+        "queued": worker.queued,
+        "streaming": worker.streaming,
+        "updated_at": worker.updated_at.isoformat(),
     }
 
 
@@ -212,6 +234,21 @@ def _print_status(status: dict[str, Any]) -> None:
         out.print(table)
     else:
         out.print("No model loaded.")
+    if len(status.get("workers") or []) > 1 or any(
+        w["state"] != "alive" for w in status.get("workers") or []
+    ):
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("inference worker", "state", "models", "memory", "replies"):
+            table.add_column(column)
+        for w in status["workers"]:
+            table.add_row(
+                escape(w["id"]),
+                escape(w["state"]),
+                escape(", ".join(w["models"]) or "-"),
+                f"{size(w['used_bytes'])} of {size(w['budget_bytes'])}",
+                f"{w['streaming']} streaming, {w['queued']} waiting",
+            )
+        out.print(table)
     if status["jobs"]:
         table = Table(box=None, header_style="bold", pad_edge=False)
         for column in ("library job", "state", "done", "step"):
