@@ -20,10 +20,14 @@ def branch_frame(*, conversation: Conversation, messages: bool = True, location:
     path to the conversation's leaf) replaces the tab's; with `location`, a link the page's
     script follows (a forked conversation opens in the tab that asked for it)."""
     conversation.refresh_from_db()
+    shown, earlier = (
+        services.path_window(services.conversation_path(conversation)) if messages else ([], 0)
+    )
     context = {
         "conversation": conversation,
         "conversations": Conversation.objects.filter(user_id=conversation.user_id),
-        "chat_messages": services.conversation_path(conversation) if messages else [],
+        "chat_messages": shown,
+        "earlier_count": earlier,
         "messages_frame": messages,
         "location": location,
     }

@@ -11,6 +11,7 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -101,6 +102,32 @@ def conversation_path(
         node = by_id.get(node.parent_id) if node.parent_id is not None else None
     path.reverse()
     return path
+
+
+# Messages a page shows at first (the newest of the branch); earlier ones load as the reader
+# scrolls up, this many at a time. A conversation of thousands of messages opens as fast as one
+# of a hundred.
+MESSAGE_WINDOW = 60
+
+
+def path_window(
+    path: list[Message], *, before: UUID | None = None, showing: UUID | None = None
+) -> tuple[list[Message], int]:
+    """The part of `path` a page shows and how many messages come before it: the newest
+    MESSAGE_WINDOW, or the MESSAGE_WINDOW before the message `before` (loading earlier ones),
+    or from a little above `showing` down to the end (a link to a message further up).
+    Raises ChatError when `before` is not on the path."""
+    end = len(path)
+    if before is not None:
+        end = next((i for i, m in enumerate(path) if m.code == before), -1)
+        if end < 0:
+            raise ChatError("That message is not on the branch shown.")
+    start = max(end - MESSAGE_WINDOW, 0)
+    if showing is not None and before is None:
+        at = next((i for i, m in enumerate(path) if m.code == showing), None)
+        if at is not None:
+            start = min(start, max(at - 2, 0))
+    return path[start:end], start
 
 
 def _prompt_messages(conversation: Conversation, path: list[Message]) -> list[ChatMessage]:

@@ -12,6 +12,7 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("c/new/", views.conversation_create, name="create"),
     path("c/<uuid:code>/", views.conversation_detail, name="detail"),
+    path("c/<uuid:code>/earlier/", views.conversation_earlier, name="earlier"),
     path("c/<uuid:code>/send/", views.conversation_send, name="send"),
     path("c/<uuid:code>/rename/", views.conversation_rename, name="rename"),
     path("c/<uuid:code>/delete/", views.conversation_delete, name="delete"),

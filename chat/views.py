@@ -18,6 +18,7 @@ from django.http import (
     Http404,
     HttpRequest,
     HttpResponse,
+    HttpResponseBadRequest,
     HttpResponseBase,
     HttpResponseForbidden,
 )
@@ -55,13 +56,17 @@ def _page_context(request: SignedInRequest, conversation: Conversation | None) -
     if conversation is not None:
         conversation.refresh_from_db(fields=["title", "leaf"])
     conversations = Conversation.objects.filter(user=request.user)
-    chat_messages = (
-        services.conversation_path(conversation) if conversation is not None else []
-    )
+    path = services.conversation_path(conversation) if conversation is not None else []
+    showing = _message_code(request.GET.get("m"))
+    if request.GET.get("all"):
+        chat_messages, earlier = path, 0
+    else:
+        chat_messages, earlier = services.path_window(path, showing=showing)
     return {
         "conversation": conversation,
         "conversations": conversations,
         "chat_messages": chat_messages,
+        "earlier_count": earlier,
         "models": frames.model_choices(),
         "selected_model": conversation.model_id if conversation else inference.default_model_id(),
         "ws_max_message_bytes": settings.MLXWEB_CONFIG.server.limits.ws_max_message_bytes,
@@ -98,6 +103,34 @@ def conversation_detail(request: SignedInRequest, code: UUID) -> HttpResponse:
     context["scroll_to"] = scroll_to
     inference.generation_warm(replies=[m.generation for m in context["chat_messages"]])
     return render(request, "chat/conversation.html", context)
+
+
+def _message_code(value: str | None) -> UUID | None:
+    try:
+        return UUID(value) if value else None
+    except ValueError:
+        return None
+
+
+@require_GET
+@login_required
+def conversation_earlier(request: SignedInRequest, code: UUID) -> HttpResponse:
+    """The messages of the branch shown before `?before=<message code>` (a page asks as its
+    reader scrolls up), with the marker that loads the ones before those."""
+    conversation = _get_conversation_for_user(request, code)
+    before = _message_code(request.GET.get("before"))
+    if before is None:
+        return HttpResponseBadRequest("?before= takes a message code")
+    path = services.conversation_path(conversation)
+    try:
+        chat_messages, earlier = services.path_window(path, before=before)
+    except services.ChatError as e:
+        raise Http404(str(e)) from e
+    return render(
+        request,
+        "chat/parts/earlier_messages.html",
+        {"conversation": conversation, "chat_messages": chat_messages, "earlier_count": earlier},
+    )
 
 
 def _send(request: SignedInRequest, conversation: Conversation) -> bool:

@@ -276,6 +276,39 @@
       if (box) box.focus();
     }
   });
+  // --- earlier messages ----------------------------------------------------------------------
+  // A long branch opens with its newest messages; scrolling near the top loads the ones before
+  // (#earlier-messages asks the server), and the reader stays where they were.
+
+  let keepFromBottom = null;
+  function loadEarlierNearTop() {
+    const messages = messagesEl();
+    const marker = document.getElementById("earlier-messages");
+    if (!messages || !marker || marker.dataset.loading || messages.scrollTop > 200) return;
+    marker.dataset.loading = "1";
+    window.htmx.trigger(marker, "load-earlier");
+  }
+  document.addEventListener(
+    "scroll",
+    function (event) {
+      if (event.target === messagesEl()) loadEarlierNearTop();
+    },
+    true
+  );
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    const target = event.detail && event.detail.target;
+    const messages = messagesEl();
+    if (target && target.id === "earlier-messages" && messages) {
+      keepFromBottom = messages.scrollHeight - messages.scrollTop;
+    }
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    const messages = messagesEl();
+    if (keepFromBottom === null || !messages) return;
+    messages.scrollTop = messages.scrollHeight - keepFromBottom;
+    keepFromBottom = null;
+  });
+
   // Math in anything htmx puts on the page outside the thread (search results, panels).
   document.addEventListener("htmx:afterSwap", function (event) {
     typeset(event.detail && event.detail.elt);

@@ -173,3 +173,30 @@ def test_continue_writes_on_from_a_reply_that_hit_the_token_limit(page: Page) ->
     _wait_for_reply(page)
     after = _reply(page).locator(".body.md").inner_text()
     assert after.startswith(before.rstrip()) and after != before
+
+
+def test_a_long_branch_loads_its_earlier_messages_as_the_reader_scrolls_up(
+    page: Page, live_site
+) -> None:
+    script = (
+        "from django.contrib.auth.models import User; from chat import services; "
+        "from inference.schemas import ChatMessage as M; "
+        "turns = [M(role=r, content=f'{r} turn {i}') for i in range(70) "
+        "for r in ('user', 'assistant')]; "
+        "c = services.conversation_import(user=User.objects.get(username='grace'), "
+        "model_id='tiny', messages=turns, title='A long one'); print(c.code)"
+    )
+    code = live_site.manage("shell", "-c", script).strip().splitlines()[-1]
+    page.goto(f"{live_site.url}/c/{code}/")
+    articles = page.locator("#messages article.message")
+    expect(articles).to_have_count(60)
+    first_shown = articles.first.get_attribute("id")
+
+    page.locator("#messages").evaluate("el => { el.scrollTop = 0; }")
+    expect(articles).to_have_count(120)
+    # The reader stays where they were: the message that was first is still in view.
+    assert page.locator(f"#{first_shown}").is_visible()
+    page.locator("#messages").evaluate("el => { el.scrollTop = 0; }")
+    expect(articles).to_have_count(140)
+    expect(articles.first).to_contain_text("user turn 0")
+    expect(page.locator("#earlier-messages")).to_have_count(0)
