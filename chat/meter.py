@@ -251,7 +251,9 @@ def _estimate(
         loaded=loaded,
     )
     question = None
-    if loaded and not writing:
+    # The heartbeat may be seconds old (a model loaded since): ask any live worker, whose
+    # engine answers at once, loaded or not.
+    if loaded is not None and not writing:
         question = _probe_question(conversation, sticky, generation, spec.id, text, params)
     return reading, question
 
@@ -310,7 +312,7 @@ def _probe_question(
 def with_probe_answer(reading: Meter, answer: dict[str, Any] | None) -> Meter:
     """`reading` with the worker's exact counts for the next prompt, when it answered."""
     if answer is not None and answer.get("loaded") is False:
-        return replace(reading, loaded=False)  # unloaded since its heartbeat
+        return replace(reading, loaded=False)
     if answer is None or "error" in answer:
         return reading  # no worker answered, or the prompt cannot be counted: the estimate
     prompt_tokens = int(answer.get("prompt_tokens", 0))
@@ -318,6 +320,7 @@ def with_probe_answer(reading: Meter, answer: dict[str, Any] | None) -> Meter:
     trimmed = int(answer.get("trimmed_messages", 0))
     return replace(
         reading,
+        loaded=True,
         probed=True,
         next_prompt=prompt_tokens,
         cached=cached,
