@@ -62,9 +62,9 @@ PRIORITY_RANK = {"interactive": 0, "batch": 1}
 # However long the decode step took, a prefill chunk may take at least this share of
 # target_latency_ms (or of the decode step, when that is longer), so a prompt always moves.
 MIN_PREFILL_SHARE = 0.5
-# A prompt's first chunk, before the model's prefill speed is measured: seconds per token
-# beyond the cost of a one-token forward pass.
-INITIAL_TOKEN_S = 0.005
+# A prompt's first chunk, before the model's prefill speed is measured: tokens in one step's
+# full budget.
+INITIAL_CHUNK = 16.0
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # Every this many speculative steps, one step runs without the draft to measure the plain
@@ -287,11 +287,9 @@ class _Slot:
     draft: LoadedModel | None = None
     draft_id: str = ""
     num_draft_tokens: int = 0
-    # Measured: a one-token forward pass (the fixed cost of any chunk); seconds per prompt
-    # token beyond it on a first chunk; seconds per token of a plain one-stream step (what
-    # speculative decoding is compared with).
-    fixed_s: float = 0.0
-    token_s: float = INITIAL_TOKEN_S
+    # Measured: the tokens a prompt's first chunk fits in a step's budget; seconds per token
+    # of a plain one-stream step (what speculative decoding is compared with).
+    chunk: float = INITIAL_CHUNK
     solo_token_s: float = 0.0
     # Built on first use: llguidance's tokenizer, each token's text and bytes for logprobs,
     # whether the chat template renders tools itself.
@@ -356,7 +354,7 @@ class _Seq:
     sampler: Any
     processors: list[Any]
     max_tokens: int
-    token_s: float  # seconds per prompt token beyond a forward's fixed cost (last chunk)
+    chunk: float  # prompt tokens that fit a step's full budget, from its last chunk
     prefilled: bool = False
     next: Any = None  # mx.array of shape (1,)
     next_logprobs: Any = None
@@ -701,7 +699,14 @@ class Engine:
                 message = f"model {spec.id!r} is an embedding model: it does not generate text"
                 _safe_emit(submit.emit, Finished(request.id, "error", 0, 0, error=message))
                 return
-        self._pending.append(_Pending(submit, spec))
+        # Interactive requests queue ahead of background ones (priority "batch").
+        entry = _Pending(submit, spec)
+        if request.priority != "batch":
+            behind = [p for p in self._pending if p.submit.request.priority == "batch"]
+            if behind:
+                self._pending.insert(self._pending.index(behind[0]), entry)
+                return
+        self._pending.append(entry)
 
     def _on_cancel(self, request_id: str) -> None:
         active = self._by_id.get(request_id)
@@ -1326,7 +1331,7 @@ class Engine:
             sampler=sampler,
             processors=processors,
             max_tokens=1,
-            token_s=slot.token_s,
+            chunk=slot.chunk,
         )
         if self._may_speculate(slot, params, processors, cache):
             from mlx_lm.models.cache import make_prompt_cache
@@ -1367,8 +1372,6 @@ class Engine:
             rows = sum(1 for a in slot.active.values() if a.phase == "batch")
             self._batch_step(slot)
         decode_s = time.perf_counter() - began
-        if rows == 1:
-            slot.fixed_s = decode_s if not slot.fixed_s else 0.8 * slot.fixed_s + 0.2 * decode_s
         if slot.prefilling:
             self._prefill_step(slot, decode_s if rows else 0.0, rows)
 
@@ -1478,7 +1481,7 @@ class Engine:
             sampler=self._sampler(params, len(slot.loaded.tokenizer)),
             processors=[],
             max_tokens=active.tokens + max(1, remaining),
-            token_s=slot.token_s,
+            chunk=slot.chunk,
             prefilled=True,
         )
         self._make_solo(slot, active)
@@ -1548,9 +1551,7 @@ class Engine:
             seq = active.seq
             if seq is None or active.finished:
                 continue
-            # A chunk costs a forward pass (fixed_s) plus its tokens: fill what is left, or
-            # when the fixed cost alone exceeds it, overshoot by no more than half of it.
-            n = int(max(left - slot.fixed_s, 0.5 * left) / seq.token_s)
+            n = int(seq.chunk * min(left, budget) / budget)
             n = max(1, min(n, tokens_left, self.prefill_step_size, len(seq.rest)))
             began = time.perf_counter()
             try:
@@ -1562,12 +1563,27 @@ class Engine:
             elapsed = max(time.perf_counter() - began, 1e-6)
             spent += elapsed
             tokens_left -= n
-            # The cost per token beyond the fixed one, measured the way chunks are sized (a
-            # chunk grows at most twofold: attention makes tokens dearer as the prompt grows).
-            token_s = max(elapsed - slot.fixed_s, 0.5 * elapsed) / n
-            seq.token_s = max(token_s, 0.5 * seq.token_s)
+            # n tokens took `elapsed`: move the chunk towards what fits the budget, by the
+            # square root of the ratio (one step slowed by something else must not halve it),
+            # at most 1.4x either way (a forward pass has a fixed cost, and attention makes
+            # tokens dearer as the prompt grows), and one token more whenever it fitted, so a
+            # chunk that costs little more than its fixed part still grows.
+            ratio = min(max((n * budget / elapsed) / seq.chunk, 0.5), 2.0)
+            chunk = seq.chunk * ratio**0.5
+            if elapsed < min(left, budget):
+                chunk = max(chunk, seq.chunk + 1.0)
+            seq.chunk = max(1.0, chunk)
+            logger.debug(
+                "request %s: chunk of %d at %d in %.0f ms (budget %.0f ms, decode %.0f ms)",
+                active.request.id,
+                n,
+                len(seq.fed) - n,
+                elapsed * 1000,
+                budget * 1000,
+                decode_s * 1000,
+            )
             if active.prefill_chunks == 1 and len(seq.fed) <= 2 * n:
-                slot.token_s = token_s
+                slot.chunk = seq.chunk
 
     def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
         """Run `n` prompt tokens through the model on the request's own cache; the last
