@@ -108,7 +108,8 @@ def _kv_cache_settings(server: Any) -> Any:
     folder = None
     if persistence.enabled:
         folder = settings.PATHS.resolve(persistence.dir) if persistence.dir else None
-        folder = folder or settings.VAR_DIR / "kvcache"
+        # MLXWEB_KV_DIR: the tests' own folder, so that runs never share cache files.
+        folder = folder or getattr(settings, "MLXWEB_KV_DIR", None) or settings.VAR_DIR / "kvcache"
     return KVCacheSettings(
         max_entries=cache.max_entries,
         max_bytes=cache.max_bytes,

@@ -36,6 +36,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.django_db)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kv_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the in-process worker persists KV caches during the tests: a folder of the
+    session's, never the data folder's var/kvcache (tests that test persistence pass their own)."""
+    folder = tmp_path_factory.mktemp("kvcache")
+    django_settings.MLXWEB_KV_DIR = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model's GGUF, fetched by the app's own fetch code into var/models.
