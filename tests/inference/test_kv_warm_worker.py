@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 @pytest.fixture
 async def worker(models_root: Path, tiny_model_dir: Path, tmp_path: Path, settings: Any) -> Any:
     shutil.copytree(tiny_model_dir, models_root / "tiny")
-    settings.VAR_DIR = tmp_path / "var"  # the KV cache files go to var/kvcache
+    settings.VAR_DIR = tmp_path / "var"
+    settings.MLXWEB_KV_DIR = tmp_path / "var" / "kvcache"  # where the cache files go
     inference_worker.stop_engine()
     task = runner.start_worker(warm_up=False)
     yield
