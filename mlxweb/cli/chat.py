@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
 import queue
 import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -411,7 +413,15 @@ def _use_preset(state: ChatState, name: str, *, announce: bool) -> None:
     # The preset's values replace the sampling chosen so far; the model's defaults fill the rest.
     state.params = dict(preset.sampling)
     if preset.system:
-        state.system = preset.system
+        # Its placeholders ({date}, {time}, {user}, {model}) filled in as the chat page does.
+        from inference.presets import render_system_prompt
+
+        state.system = render_system_prompt(
+            preset.system,
+            now=datetime.now().astimezone(),
+            user=getpass.getuser(),
+            model=state.model,
+        )
     if announce:
         values = ", ".join(f"{k} {v}" for k, v in preset.sampling.items())
         print(f"Preset {name}: {values or 'the model defaults'}.")

@@ -158,3 +158,26 @@ def test_the_default_model_answers_the_paris_question(
 
     assert result.code == 0, result.err
     assert "Paris" in result.out
+
+
+def test_a_presets_system_prompt_has_its_placeholders_filled(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from datetime import date
+
+    from mlxweb.cli.chat import ChatState, _use_preset
+    from mlxweb.config import DEFAULT_CONFIG_DIR
+
+    presets = tmp_path / "presets"
+    shutil.copytree(DEFAULT_CONFIG_DIR / "presets", presets)
+    (presets / "dated.yaml").write_text(
+        "extends: balanced\nsystem: 'You are {model}. Today is {date}. Literal {{date}}.'\n"
+    )
+    monkeypatch.setenv("MLXWEB_CONFIG_DIR", str(tmp_path))
+    state = ChatState(model="tiny")
+
+    _use_preset(state, "dated", announce=False)
+
+    assert state.system.startswith(f"You are tiny. Today is {date.today().isoformat()}")
+    assert state.system.endswith("Literal {date}.")
