@@ -93,6 +93,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         )()
         if last is not None and last.role == Message.Role.ASSISTANT:
+            # A reply that ended between the page's render and this socket joining the group
+            # missed its last frame: send it (the frame is the row's, the same however often).
+            if last.generation is not None and not last.generation.is_active:
+                await self.send(text_data=await database_sync_to_async(frames.reply_frame)(last))
             await self._advance_tools(last)
 
     async def disconnect(self, code: int) -> None:

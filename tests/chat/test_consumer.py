@@ -220,6 +220,23 @@ async def test_it_sends_a_new_tab_the_text_so_far_then_keeps_streaming(
     await second.disconnect()
 
 
+async def test_a_tab_that_joins_after_the_reply_ended_gets_its_final_frame(
+    owner, conversation, fake_engine, running_worker
+) -> None:
+    # The page rendered the reply while it streamed, but it ended before this socket joined
+    # the conversation's group: without a frame on connect the tab would wait on forever.
+    first = await _connect(owner, conversation)
+    fake_engine.words = ["quick", " reply"]
+    await first.send_to(text_data=_send("Hi"))
+    await _frames_until(first, 'class="body md"')
+    await first.disconnect()
+
+    late = await _connect(owner, conversation)
+    frames = await _frames_until(late, 'class="body md"')
+    assert 'hx-swap-oob="true"' in frames and "<p>quick reply</p>" in frames
+    await late.disconnect()
+
+
 async def test_it_refuses_a_second_turn_while_a_reply_streams(
     owner, conversation, fake_engine, running_worker
 ) -> None:
