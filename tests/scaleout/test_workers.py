@@ -344,3 +344,35 @@ def test_a_killed_workers_reply_goes_on_elsewhere_and_a_new_worker_interrupts_no
     )
     assert "resumed_by" not in cluster.generation(reply)["details"]
     assert cluster.generation(reply)["worker_id"] == survivor
+
+
+def test_sigterm_hands_a_workers_replies_to_another_and_it_exits(cluster) -> None:
+    """Runs after the failover test: workers B (holding tiny2) and C are alive."""
+    site = cluster.site
+    client = sign_up(cluster, "cy")
+    code = new_chat(client, "tiny2")
+    draining = cluster.worker_of("tiny2")
+
+    async def drain_mid_reply() -> tuple[str, str]:
+        async with Chat(cluster.ports[0], client, code) as chat:
+            await chat.send(type="send", text="Go on and on", max_tokens=2000)
+            await chat.until("beforeend:#reply-")
+            old = cluster.reply_code(code)
+            assert cluster.generation(old)["worker_id"] == draining
+            assert site.stop("worker-b", signal.SIGTERM) == 0  # drained, then exited
+            new = cluster.generation(old)["details"]["resumed_by"]
+            await chat.until(f"beforeend:#reply-{new}", timeout=60)
+            await chat.send(type="stop", reply=cluster.message_code(code))
+            return old, new
+
+    old, new = asyncio.run(drain_mid_reply())
+    handed, taken = cluster.generation(old), cluster.generation(new)
+    assert handed["state"] == "interrupted" and handed["text"]
+    assert taken["worker_id"] not in ("", draining)
+    assert taken["details"]["resumed_from"] == old
+    wait_until(
+        lambda: cluster.generation(new)["state"] in ("stopped", "complete"),
+        timeout=30,
+        what="the continuation to end",
+    )
+    assert cluster.generation(new)["text"].startswith(handed["text"])
