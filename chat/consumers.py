@@ -306,7 +306,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send(text_data=event["html"])
 
     async def generation_delta(self, event: dict[str, Any]) -> None:
-        await self.send(text_data=frames.delta_frame(code=event["code"], text=event["text"]))
+        # The worker splits reasoning from the answer as it streams (inference.parsing): each
+        # goes to its own part of the live reply.
+        await self.send(
+            text_data=frames.delta_frame(
+                code=event["code"], text=event["text"], channel=event.get("channel", "content")
+            )
+        )
 
     async def generation_snapshot(self, event: dict[str, Any]) -> None:
         await self.send(text_data=frames.snapshot_frame(code=event["code"], text=event["text"]))

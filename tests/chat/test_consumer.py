@@ -237,6 +237,22 @@ async def test_a_tab_that_joins_after_the_reply_ended_gets_its_final_frame(
     await late.disconnect()
 
 
+async def test_reasoning_deltas_stream_into_the_thinking_section(owner, conversation) -> None:
+    from channels.layers import get_channel_layer
+
+    socket = await _connect(owner, conversation)
+    layer = get_channel_layer()
+    for channel, text in (("reasoning", "Let me think"), ("content", "The answer")):
+        await layer.group_send(
+            conversation.group_name,
+            {"type": "generation.delta", "code": "c0de", "text": text, "channel": channel},
+        )
+    thinking = await _frames_until(socket, "Let me think")
+    answer = await _frames_until(socket, "The answer")
+    assert "#reply-c0de-reasoning" in thinking and "#reply-c0de-text" in answer
+    await socket.disconnect()
+
+
 async def test_it_refuses_a_second_turn_while_a_reply_streams(
     owner, conversation, fake_engine, running_worker
 ) -> None:
