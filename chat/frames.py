@@ -13,7 +13,6 @@ from django.template.loader import render_to_string
 
 from chat.models import Conversation, Message
 from inference import services as inference
-from inference.catalogue import ModelSpec
 
 TEMPLATE = "chat/conversation.html"
 
@@ -22,25 +21,15 @@ def _render(partial: str, context: dict[str, Any]) -> str:
     return render_to_string(f"{TEMPLATE}#{partial}", context)
 
 
-def unavailable_reason(spec: ModelSpec) -> str:
-    """Why a listed model cannot answer now, in words for anyone (the picker, the thread)."""
-    if spec.kind == "hub":
-        return f"not downloaded yet ({spec.hub_repo} from the Hugging Face Hub)"
-    if spec.kind == "gguf":
-        return "its GGUF file is missing from the models folder"
-    if spec.path is not None and spec.path.is_dir():
-        return "its folder has no config.json (an incomplete download or conversion)"
-    return "its folder is missing from the models folder"
-
-
 def model_choices() -> list[dict[str, Any]]:
     """The picker's options: the models that generate text (embedding models cannot chat);
     unavailable ones are shown with the reason ("reason") but cannot be chosen."""
     choices = []
     for spec in inference.model_list(task="generate"):
-        available = spec.is_available
-        reason = "" if available else unavailable_reason(spec)
-        choices.append({"id": spec.id, "name": spec.name, "available": available, "reason": reason})
+        reason = spec.unavailable_reason()
+        choices.append(
+            {"id": spec.id, "name": spec.name, "available": not reason, "reason": reason}
+        )
     return choices
 
 

@@ -87,6 +87,21 @@ class ModelSpec:
     def is_available(self) -> bool:
         return self.local_path() is not None
 
+    def unavailable_reason(self) -> str:
+        """Why this model cannot answer now, in words for anyone (the chat's picker, the
+        thread, the models list); "" when it can."""
+        if self.is_available:
+            return ""
+        if self.problem:
+            return self.problem
+        if self.kind == "hub":
+            return f"not downloaded yet ({self.hub_repo} from the Hugging Face Hub)"
+        if self.kind == "gguf":
+            return "its GGUF file is missing from the models folder"
+        if self.path is not None and self.path.is_dir():
+            return "its folder has no config.json (an incomplete download or conversion)"
+        return "its folder is missing from the models folder"
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"

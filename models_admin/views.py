@@ -20,6 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRefresh
 from django_htmx.middleware import HtmxDetails
 
+from inference import services as inference
 from models_admin import services
 from models_admin.forms import (
     ConvertForm,
@@ -76,9 +77,13 @@ def _get_job(code: UUID) -> ModelJob:
 
 
 @require_GET
-@staff_required
 def index(request: HttpRequest) -> HttpResponse:
-    """Every model on the machine, filterable and sortable, with the jobs and a pull form."""
+    """Every model on the machine, filterable and sortable, with the jobs and a pull form; for
+    people who are not staff, the models they may chat with and why one is unavailable."""
+    if not request.user.is_authenticated:
+        return redirect_to_login(request.get_full_path())
+    if not (request.user.is_active and request.user.is_staff):
+        return _catalogue(request)
     services.job_reap_dead()
     services.library_scan()
     everything = LibraryModel.objects.all()
@@ -125,6 +130,23 @@ def index(request: HttpRequest) -> HttpResponse:
         "adapters": services.adapter_list(),
     }
     return render(request, "models_admin/index.html", context)
+
+
+def _catalogue(request: HttpRequest) -> HttpResponse:
+    """The models of this server as anyone signed in sees them: read-only, each with what it
+    is for and, when it cannot answer, why; the library's actions stay with staff."""
+    rows = [
+        {
+            "id": spec.id,
+            "name": spec.name,
+            "task": "embeddings" if spec.task == "embed" else "chat",
+            "context_length": spec.context_length,
+            "base_id": spec.base_id,
+            "reason": spec.unavailable_reason(),
+        }
+        for spec in inference.model_list()
+    ]
+    return render(request, "models_admin/catalogue.html", {"rows": rows})
 
 
 def _start(request: HttpRequest, kind: str, params: dict[str, Any]) -> HttpResponse:

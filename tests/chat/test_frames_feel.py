@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from chat.frames import delta_frame, model_choices, snapshot_frame, unavailable_reason
+from chat.frames import delta_frame, model_choices, snapshot_frame
 from chat.templatetags.chat_tags import model_notice
 from inference.catalogue import ModelSpec
 
@@ -78,15 +78,15 @@ def test_it_words_the_reason_for_each_kind_of_missing_model(tmp_path: Path) -> N
     empty = tmp_path / "half-converted"
     empty.mkdir()
 
-    assert unavailable_reason(spec(kind="hub", hub_repo="org/model")) == (
+    assert spec(kind="hub", hub_repo="org/model").unavailable_reason() == (
         "not downloaded yet (org/model from the Hugging Face Hub)"
     )
-    assert unavailable_reason(spec(kind="gguf", path=tmp_path / "m.gguf")) == (
+    assert spec(kind="gguf", path=tmp_path / "m.gguf").unavailable_reason() == (
         "its GGUF file is missing from the models folder"
     )
-    assert unavailable_reason(spec(kind="mlx", path=empty)) == (
+    assert spec(kind="mlx", path=empty).unavailable_reason() == (
         "its folder has no config.json (an incomplete download or conversion)"
     )
-    assert unavailable_reason(spec(kind="mlx", path=tmp_path / "gone")) == (
+    assert spec(kind="mlx", path=tmp_path / "gone").unavailable_reason() == (
         "its folder is missing from the models folder"
     )

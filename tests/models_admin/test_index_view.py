@@ -78,8 +78,23 @@ def test_it_sends_anonymous_people_to_the_login_page(client: Client, library: Pa
     assert response["Location"] == f"{reverse('login')}?next={URL}"
 
 
-def test_it_refuses_people_who_are_not_staff(owner_client: Client, library: Path) -> None:
-    assert owner_client.get(URL).status_code == 403
+def test_people_who_are_not_staff_see_the_models_and_why_one_is_unavailable(
+    owner_client: Client, library: Path, tiny_hf_dir: Path
+) -> None:
+    response = owner_client.get(URL)
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    # The configured models, with what they are for; the default one's GGUF is not in this
+    # models folder, and the page says so instead of a bare 403.
+    assert "smollm2-135m-instruct" in html and "all-minilm-l6-v2" in html
+    assert "embeddings" in html and "chat" in html
+    assert "its GGUF file is missing from the models folder" in html
+    # Read-only: none of the library's actions, paths or jobs.
+    assert "<form" not in html.split("<main")[1].split("</main>")[0]
+    assert 'action="/models/pull/"' not in html and str(tiny_hf_dir) not in html
+    # And the library's actions stay staff-only.
+    assert owner_client.post(reverse("models_admin:pull"), {"repo_id": "a/b"}).status_code == 403
 
 
 def test_it_refuses_other_methods(admin_client: Client, library: Path) -> None:
