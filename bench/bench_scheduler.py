@@ -6,8 +6,8 @@ the engine thread), greedy, prompt cache off so every prompt prefills in full:
 1. idle: a short chat ("Say hi.") alone, its time to first token (TTFT), `--repeats` times;
 2. undisturbed: two chats decoding, the gap between their deltas for `--window` seconds;
 3. disturbed: the same two chats while a `--long-tokens` prompt arrives and prefills; their
-   gaps during the prefill, and short chats sent every `--short-every` seconds during it,
-   each one's TTFT.
+   gaps during the prefill, and short chats during it, one at a time
+   (the next `--short-every` seconds after the last one's answer), each one's TTFT.
 
 Targets: p99 gap during the prefill at most 3x the undisturbed median; the short chats' TTFT
 under 2x idle. A chat that ends is replaced by a new one at once (its gap to the new chat's
@@ -133,8 +133,11 @@ class Bench:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(converted_path(self.spec, self.converted_dir))
-        per = len(tokenizer.encode(PARAGRAPH))
-        text = PARAGRAPH * max(1, (self.args.long_tokens - 40) // per)
+        # The chat template adds about 35 tokens around the message.
+        repeats = 1
+        while len(tokenizer.encode(PARAGRAPH * (repeats + 1))) <= self.args.long_tokens - 35:
+            repeats += 1
+        text = PARAGRAPH * repeats
         return [{"role": "user", "content": "Summarize the minutes.\n\n" + text}]
 
     # ---------------------------------------------------------------- measurements
@@ -184,11 +187,15 @@ class Bench:
         long = self.submit(self.long_prompt(), 1)
         shorts: list[Stream] = []
         began = time.perf_counter()
-        next_short = began + self.args.short_every / 2
+        next_short: float | None = began + self.args.short_every / 2
         while not long.done.is_set():
-            if time.perf_counter() >= next_short:
+            # One short chat at a time: the next one `short_every` seconds after the last
+            # one's answer (a person sending a message, not a queue filling up).
+            if shorts and shorts[-1].done.is_set() and next_short is None:
+                next_short = time.perf_counter() + self.args.short_every
+            if next_short is not None and time.perf_counter() >= next_short:
                 shorts.append(self.submit(SHORT, 1))
-                next_short += self.args.short_every
+                next_short = None
             time.sleep(0.01)
         for short in shorts:
             short.done.wait(120)
@@ -263,7 +270,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=8.0, help="seconds of undisturbed chat")
     parser.add_argument("--repeats", type=int, default=5, help="idle TTFT runs")
     parser.add_argument(
-        "--short-every", type=float, default=4.0, help="seconds between short chats"
+        "--short-every",
+        type=float,
+        default=4.0,
+        help="seconds from a short chat's answer to the next one",
     )
     parser.add_argument(
         "--target-latency-ms", type=float, default=None, help="default: server.yaml's"
