@@ -65,6 +65,9 @@ MIN_PREFILL_SHARE = 0.5
 # A prompt's first chunk, before the model's prefill speed is measured: tokens in one step's
 # full budget.
 INITIAL_CHUNK = 16.0
+# Chunks that start before this offset teach the model's starting chunk size (attention makes
+# later ones dearer).
+SHORT_OFFSET = 256
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # Every this many speculative steps, one step runs without the draft to measure the plain
@@ -287,7 +290,7 @@ class _Slot:
     draft: LoadedModel | None = None
     draft_id: str = ""
     num_draft_tokens: int = 0
-    # Measured: the tokens a prompt's first chunk fits in a step's budget; seconds per token
+    # Measured: the tokens an early chunk of a prompt fits in a step's budget; seconds per token
     # of a plain one-stream step (what speculative decoding is compared with).
     chunk: float = INITIAL_CHUNK
     solo_token_s: float = 0.0
@@ -1582,7 +1585,8 @@ class Engine:
                 budget * 1000,
                 decode_s * 1000,
             )
-            if active.prefill_chunks == 1 and len(seq.fed) <= 2 * n:
+            if len(seq.fed) - n < SHORT_OFFSET:
+                # Where a new prompt starts: what it learned is where the next one begins.
                 slot.chunk = seq.chunk
 
     def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
