@@ -166,9 +166,10 @@ def pick_worker(model_id: str, *, exclude: Collection[str] = ()) -> WorkerInfo |
 
 
 def _send(channel: str, message: dict[str, Any]) -> None:
-    layer = get_channel_layer()
-    assert layer is not None, "CHANNEL_LAYERS is not configured"
-    async_to_sync(layer.send)(channel, message)
+    # Through inference.services' own sender: one seam for every message to a worker.
+    from inference import services
+
+    services._send(channel, message)
 
 
 def _group_send(group: str, message: dict[str, Any]) -> None:

@@ -14,9 +14,6 @@ from django.utils.dateparse import parse_datetime
 
 logger = logging.getLogger(__name__)
 
-# A heartbeat older than this is a worker that stopped (workers write one every 5 s).
-WORKER_STALE_AFTER = timedelta(seconds=15)
-
 
 @dataclass(frozen=True)
 class LoadedModelRow:
@@ -81,12 +78,13 @@ def _int(value: object) -> int:
 
 
 def memory_overview() -> MemoryOverview:
-    """The live workers (heartbeat younger than WORKER_STALE_AFTER), newest first, and the jobs
-    in this machine's reservation table."""
+    """The live workers (heartbeat younger than inference.cluster.DEAD_AFTER_S: three missed
+    beats), newest first, and the jobs in this machine's reservation table."""
+    from inference.cluster import DEAD_AFTER_S
     from inference.memory import ReservationTable, configured_budget, configured_table_path
     from inference.models import WorkerHeartbeat
 
-    since = timezone.now() - WORKER_STALE_AFTER
+    since = timezone.now() - timedelta(seconds=DEAD_AFTER_S)
     workers = []
     for beat in WorkerHeartbeat.objects.filter(updated_at__gte=since).order_by("-updated_at"):
         loaded = [
