@@ -188,3 +188,30 @@ def test_mlxweb_status_lists_every_worker(db, tmp_path, cli) -> None:  # type: i
     }
     text = cli("status", *nowhere).out
     assert "draining" in text and "not answering" in text and "w3" in text
+
+
+def test_stopping_a_reply_whose_worker_is_gone_ends_it_at_once(
+    catalogue, django_capture_on_commit_callbacks
+) -> None:
+    """The web process notices the dead worker itself: the reply ends stopped, text kept, and
+    nothing waits for a stop message that no worker would read."""
+    beat("gone", MODEL, age=cluster.DEAD_AFTER_S + 1)
+    beat("alive")
+    with django_capture_on_commit_callbacks(execute=True):
+        generation = create()
+    Generation.objects.filter(pk=generation.pk).update(
+        worker_id="gone", state="streaming", text="so far"
+    )
+    generation.refresh_from_db()
+    while received(cluster.worker_channel("alive")) is not None:
+        pass
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.generation_stop(generation=generation)
+
+    generation.refresh_from_db()
+    assert (generation.state, generation.text) == ("stopped", "so far")
+    assert "resumed_by" not in generation.details
+    assert received(cluster.worker_channel("gone")) is None
+    assert received(cluster.worker_channel("alive")) is None  # nothing continued
+    assert not WorkerHeartbeat.objects.filter(worker_id="gone").exists()
