@@ -3,6 +3,7 @@ the real models (SmolLM2, Gemma 3 270M) read and imported once per session."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import User
 from django.test import Client
 
+from inference import worker as inference_worker
 from inference.catalogue import reset_catalogue
 from inference.services import model_fetch
 from inference.testing import build_tiny_model
@@ -121,6 +123,22 @@ def models_root(tmp_path: Path, settings) -> Iterator[Path]:  # type: ignore[no-
     reset_catalogue()
     yield root
     reset_catalogue()
+
+
+@pytest.fixture
+def tiny(models_root: Path, tiny_model_dir: Path) -> str:
+    """The tiny model as a library entry in the test's models root; its id is its folder name."""
+    shutil.copytree(tiny_model_dir, models_root / "tiny")
+    return "tiny"
+
+
+@pytest.fixture
+def real_engine() -> Iterator[None]:
+    """A fresh process-wide engine for this test, built from this test's settings and catalogue
+    (the one before it is stopped), and stopped after it."""
+    inference_worker.stop_engine()
+    yield
+    inference_worker.stop_engine()
 
 
 @pytest.fixture

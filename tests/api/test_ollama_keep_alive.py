@@ -4,34 +4,25 @@ and engine on the tiny model; `/api/ps` and `/health` say when a model expires."
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
-from inference import runner, services
-from inference import worker as inference_worker
+from inference import services
 from tests.api.conftest import Api
+from tests.support.worker import in_process_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-async def worker(models_root: Path, tiny_model_dir: Path) -> AsyncIterator[None]:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+async def worker(tiny: str) -> AsyncIterator[None]:
+    async with in_process_worker():
+        yield
 
 
 async def _ps(api: Api) -> dict[str, dict[str, Any]]:

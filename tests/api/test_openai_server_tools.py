@@ -4,14 +4,12 @@ through the real engine and the tiny model, forced (`tool_choice`) to call a fak
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 
-from inference import worker as inference_worker
 from inference.api import server_tools
 from inference.models import Generation
 from inference.tools.base import ToolContext, ToolResult
@@ -75,19 +73,6 @@ def echo(monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path) -> Echo
     tool = EchoTool()
     monkeypatch.setattr(server_tools, "available_tools", lambda: {tool.name: tool})
     return tool
-
-
-@pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
-def real_engine():  # type: ignore[no-untyped-def]
-    inference_worker.stop_engine()
-    yield
-    inference_worker.stop_engine()
 
 
 def _request(model: str, **extra: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -12,9 +11,9 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from hypothesis import settings as hypothesis_settings
 
-from inference import runner
 from inference import worker as inference_worker
 from inference.engine import Delta, Finished, GenerationRequest, Started
+from tests.support.worker import in_process_worker
 
 
 class FakeEngine:
@@ -76,12 +75,8 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeEngine]:
 @pytest.fixture
 async def running_worker() -> AsyncIterator[None]:
     """The inference worker on this test's event loop, as `manage.py serve` runs it."""
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
+    async with in_process_worker(fresh_engine=False):
+        yield
 
 
 def session_cookie_for(user: Any) -> bytes:

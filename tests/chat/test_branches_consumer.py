@@ -241,16 +241,9 @@ async def test_it_refuses_actions_on_another_conversations_messages(
 
 
 @pytest.fixture
-def tiny_conversation(owner, models_root, tiny_model_dir, settings):  # type: ignore[no-untyped-def]
+def tiny_conversation(owner, tiny, real_engine):  # type: ignore[no-untyped-def]
     """A conversation with the tiny model (a library entry) and a fresh real engine."""
-    import shutil
-
-    from inference import worker as inference_worker
-
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    inference_worker.stop_engine()
-    yield Conversation.objects.create(user=owner, model_id="tiny")
-    inference_worker.stop_engine()
+    return Conversation.objects.create(user=owner, model_id=tiny)
 
 
 @pytest.mark.timeout(300)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,26 +14,10 @@ from channels.testing import WebsocketCommunicator
 
 from chat import services
 from chat.models import Conversation
-from inference import worker as inference_worker
 from inference.models import Generation
 from tests.chat.conftest import communicator_for, session_cookie_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def tiny_in_library(models_root: Path, tiny_model_dir: Path) -> str:
-    """The tiny model as a library entry; its catalogue id is its folder name."""
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
-def real_engine(settings):  # type: ignore[no-untyped-def]
-    """A fresh engine for this test, built from this test's settings and catalogue."""
-    inference_worker.stop_engine()
-    yield
-    inference_worker.stop_engine()
 
 
 def _limits(settings: Any, **changes: Any) -> None:
@@ -70,9 +52,9 @@ def _send(text: str, **options: Any) -> str:
 
 
 async def test_it_streams_a_real_reply_and_records_it(
-    owner, tiny_in_library, real_engine, running_worker
+    owner, tiny, real_engine, running_worker
 ) -> None:
-    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny_in_library)
+    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
     communicator = await _connect(owner, conversation)
     await communicator.send_to(text_data=_send("Hello", max_tokens=24, temperature=0))
     frames = await _until_done(communicator)
@@ -89,10 +71,10 @@ async def test_it_streams_a_real_reply_and_records_it(
 
 
 async def test_it_streams_two_chats_at_the_same_time(
-    owner, tiny_in_library, real_engine, running_worker
+    owner, tiny, real_engine, running_worker
 ) -> None:
-    first = await Conversation.objects.acreate(user=owner, model_id=tiny_in_library)
-    second = await Conversation.objects.acreate(user=owner, model_id=tiny_in_library)
+    first = await Conversation.objects.acreate(user=owner, model_id=tiny)
+    second = await Conversation.objects.acreate(user=owner, model_id=tiny)
     a = await _connect(owner, first)
     b = await _connect(owner, second)
     options = {"max_tokens": 200, "temperature": 0.8, "seed": 1}
@@ -113,9 +95,9 @@ async def test_it_streams_two_chats_at_the_same_time(
 
 
 async def test_it_stops_a_real_reply_and_keeps_its_text(
-    owner, tiny_in_library, real_engine, running_worker
+    owner, tiny, real_engine, running_worker
 ) -> None:
-    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny_in_library)
+    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
     communicator = await _connect(owner, conversation)
     await communicator.send_to(text_data=_send("Go on", max_tokens=2000, temperature=0.8))
     while "beforeend:#reply-" not in await communicator.receive_from(timeout=60):
@@ -131,10 +113,10 @@ async def test_it_stops_a_real_reply_and_keeps_its_text(
 
 
 async def test_it_trims_the_oldest_turns_and_says_so(
-    owner, tiny_in_library, real_engine, running_worker, settings
+    owner, tiny, real_engine, running_worker, settings
 ) -> None:
     _limits(settings, max_prompt_tokens=120)
-    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny_in_library)
+    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
     communicator = await _connect(owner, conversation)
     long_turn = "This sentence makes the conversation longer and longer. " * 4
     for _ in range(3):
@@ -148,7 +130,7 @@ async def test_it_trims_the_oldest_turns_and_says_so(
 
 
 async def test_it_reports_an_engine_error_on_the_reply_and_keeps_serving(
-    owner, tiny_in_library, models_root, real_engine, running_worker
+    owner, tiny, models_root, real_engine, running_worker
 ) -> None:
     broken = models_root / "broken"
     broken.mkdir()
@@ -162,7 +144,7 @@ async def test_it_reports_an_engine_error_on_the_reply_and_keeps_serving(
     generation = await Generation.objects.aget()
     assert generation.state == Generation.State.ERROR and generation.error
 
-    await communicator.send_to(text_data=_send("Hello again", model=tiny_in_library, max_tokens=4))
+    await communicator.send_to(text_data=_send("Hello again", model=tiny, max_tokens=4))
     await _until_done(communicator)
     assert await Generation.objects.filter(state="complete").acount() == 1
     await communicator.disconnect()
@@ -191,11 +173,11 @@ async def _all_finished(timeout: float = 120) -> dict[int, Generation]:
 
 
 async def test_it_takes_turns_between_users_when_one_queues_many_replies(
-    owner, stranger, tiny_in_library, real_engine, running_worker, settings
+    owner, stranger, tiny, real_engine, running_worker, settings
 ) -> None:
     _limits(settings, max_concurrent_streams=1, max_queued_replies_per_user=20)
-    flood = await _send_replies(owner, tiny_in_library, 6)
-    [theirs] = await _send_replies(stranger, tiny_in_library, 1)
+    flood = await _send_replies(owner, tiny, 6)
+    [theirs] = await _send_replies(stranger, tiny, 1)
 
     rows = await _all_finished()
     assert all(g.state == Generation.State.COMPLETE for g in rows.values())
@@ -207,10 +189,10 @@ async def test_it_takes_turns_between_users_when_one_queues_many_replies(
 
 
 async def test_it_streams_at_most_the_per_user_limit_at_once(
-    owner, tiny_in_library, real_engine, running_worker, settings
+    owner, tiny, real_engine, running_worker, settings
 ) -> None:
     _limits(settings, max_concurrent_streams=8, max_streaming_replies_per_user=1)
-    ids = await _send_replies(owner, tiny_in_library, 3)
+    ids = await _send_replies(owner, tiny, 3)
 
     rows = await _all_finished()
     for earlier, later in itertools.pairwise(ids):

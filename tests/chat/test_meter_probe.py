@@ -5,7 +5,6 @@ asks about is the one the send would build."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -165,19 +164,6 @@ def test_the_meter_shows_the_workers_exact_counts(
     ]
 
 
-@pytest.fixture
-def tiny_in_library(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
-def real_engine(settings):  # type: ignore[no-untyped-def]
-    inference_worker.stop_engine()
-    yield
-    inference_worker.stop_engine()
-
-
 async def _finished(generation_id: int, timeout: float = 120) -> Generation:
     async with asyncio.timeout(timeout):
         while True:
@@ -190,10 +176,10 @@ async def _finished(generation_id: int, timeout: float = 120) -> Generation:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(300)
 async def test_through_the_real_engine_the_meter_predicts_the_next_turn(
-    owner: User, tiny_in_library: str, real_engine: None, running_worker: None
+    owner: User, tiny: str, real_engine: None, running_worker: None
 ) -> None:
     conversation = await Conversation.objects.acreate(
-        user=owner, model_id=tiny_in_library, system_prompt="You are terse."
+        user=owner, model_id=tiny, system_prompt="You are terse."
     )
     greedy = {"temperature": 0.0, "max_tokens": 8}
     _, reply = await sync_to_async(services.message_send)(

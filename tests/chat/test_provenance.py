@@ -19,20 +19,20 @@ from django.urls import reverse
 
 from chat import provenance
 from chat.models import Conversation, Message
-from inference import runner, services
-from inference import worker as inference_worker
+from inference import services
 from inference.models import Generation
 from inference.provenance import rendered_prompt, template_hash, trace_text
 from inference.schemas import ChatMessage, GenerationParams
+from tests.support.worker import in_process_worker
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
+def tiny(tiny: str, models_root: Path, tiny_model_dir: Path) -> str:
+    """The shared tiny model, and a second copy of it to switch to."""
     shutil.copytree(tiny_model_dir, models_root / "tiny-two")
-    return "tiny"
+    return tiny
 
 
 @pytest.fixture
@@ -355,14 +355,8 @@ def test_a_reply_from_before_provenance_says_so(reply: Message) -> None:
 
 @pytest.fixture
 async def worker(tiny: str) -> AsyncIterator[None]:
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 async def _until_done(channel: str, code: str) -> None:

@@ -5,7 +5,6 @@ the prefix, grows with new text only, and keeps provenance and the token trace."
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from inference import runner, services
-from inference import worker as inference_worker
+from inference import services
 from inference.catalogue import Catalogue, UnknownModel
 from inference.engine import Engine, GenerationRequest
 from inference.models import Generation, PromptMessage
@@ -23,6 +21,7 @@ from inference.provenance import trace_entry, trace_text
 from inference.schemas import ChatMessage, GenerationParams
 from mlxweb.config import Config, ServerConfig
 from tests.inference.test_engine import QUESTION, Recorder
+from tests.support.worker import in_process_worker
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -167,21 +166,9 @@ def test_started_carries_the_models_provenance(engine: Engine) -> None:
 
 
 @pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
 async def worker(tiny: str) -> AsyncIterator[None]:
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 async def _listen() -> tuple[str, str]:

@@ -15,11 +15,11 @@ from channels.layers import get_channel_layer
 from django.conf import settings as django_settings
 from prometheus_client import REGISTRY
 
-from inference import runner, services
-from inference import worker as inference_worker
+from inference import services
 from inference.catalogue import ModelUnavailable, UnknownModel
 from inference.schemas import ChatMessage, GenerationParams
 from tests.inference.conftest import MINILM_ID
+from tests.support.worker import in_process_worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,13 +30,8 @@ REFERENCE = json.loads(Path(__file__).with_name("minilm_reference.json").read_te
 async def running_worker(minilm_models_root: Path, transactional_db: None) -> AsyncIterator[None]:
     """The inference worker on this test's event loop, with a fresh engine on its catalogue
     (and the database, where it writes its heartbeat)."""
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 def _served() -> float:

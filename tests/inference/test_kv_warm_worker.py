@@ -5,7 +5,6 @@ next turn records where its prefix came from."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,28 +13,22 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from inference import runner, services
+from inference import services
 from inference import worker as inference_worker
 from inference.models import Generation
 from inference.schemas import ChatMessage, GenerationParams
 from tests.support.waiting import wait_until
+from tests.support.worker import in_process_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
 
 @pytest.fixture
-async def worker(models_root: Path, tiny_model_dir: Path, tmp_path: Path, settings: Any) -> Any:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
+async def worker(tiny: str, tmp_path: Path, settings: Any) -> Any:
     settings.VAR_DIR = tmp_path / "var"
     settings.MLXWEB_KV_DIR = tmp_path / "var" / "kvcache"  # where the cache files go
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 async def _reply(text: str, previous: Generation | None = None) -> Generation:

@@ -6,7 +6,6 @@ reservation table for the library's jobs."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,26 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 
-from inference import runner, services
+from inference import services
 from inference import worker as inference_worker
 from inference.memory import ReservationTable, weights_bytes_on_disk
 from inference.models import WorkerHeartbeat
+from tests.support.worker import in_process_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
 
 @pytest.fixture
 async def worker(
-    models_root: Path, tiny_model_dir: Path, settings: Any, tmp_path: Path
+    tiny: str, tiny_model_dir: Path, settings: Any, tmp_path: Path
 ) -> AsyncIterator[int]:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
     budget = 20 * weights_bytes_on_disk(tiny_model_dir)
     config = settings.MLXWEB_CONFIG
     server = config.server.model_copy(update={"memory_budget_bytes": budget})
     settings.MLXWEB_CONFIG = config.model_copy(update={"server": server})
     settings.MLXWEB_MEMORY_TABLE = tmp_path / "memory.json"
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield budget
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield budget
 
 
 async def test_the_heartbeat_carries_the_memory_budget_and_use(

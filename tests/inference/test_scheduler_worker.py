@@ -5,26 +5,18 @@ how the engine computed each reply."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 
-from inference import runner, services
-from inference import worker as inference_worker
+from inference import services
 from inference.models import Generation
 from inference.schemas import ChatMessage, GenerationParams
+from tests.support.worker import in_process_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
 
 
 @pytest.fixture
@@ -33,14 +25,8 @@ async def one_stream_worker(tiny: str, settings: Any) -> AsyncIterator[None]:
     limits = config.server.limits.model_copy(update={"max_concurrent_streams": 1})
     server = config.server.model_copy(update={"limits": limits})
     settings.MLXWEB_CONFIG = config.model_copy(update={"server": server})
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 async def _create(text: str, priority: str = "interactive", max_tokens: int = 4) -> Generation:

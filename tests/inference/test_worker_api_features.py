@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from prometheus_client import REGISTRY
 
-from inference import runner, services
+from inference import services
 from inference import worker as inference_worker
 from inference.models import Generation, PromptMessage
 from inference.schemas import ChatMessage, GenerationParams
+from tests.support.worker import in_process_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -36,21 +36,9 @@ WEATHER = {
 
 
 @pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
 async def worker(tiny: str) -> AsyncIterator[None]:
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 def _limits(settings: Any, **changes: Any) -> None:
@@ -227,14 +215,8 @@ DEFAULT = "smollm2-135m-instruct"
 
 @pytest.fixture
 async def default_worker(smollm2_models_root: Path) -> AsyncIterator[None]:
-    inference_worker.stop_engine()
-    task = runner.start_worker(warm_up=False)
-    yield
-    task.cancel()
-    runtime = inference_worker.WorkerRuntime._by_loop.pop(id(asyncio.get_running_loop()), None)
-    if runtime is not None:
-        runtime.pump_task.cancel()
-    await asyncio.to_thread(inference_worker.stop_engine)
+    async with in_process_worker():
+        yield
 
 
 @pytest.mark.slow

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ from channels.testing import WebsocketCommunicator
 
 from chat import services
 from chat.models import Conversation, Message, ToolStep
-from inference import worker as inference_worker
 from inference.models import Generation
 from inference.tools.base import ToolContext, ToolResult
 from tests.chat.conftest import communicator_for, running_worker, session_cookie_for
@@ -48,19 +45,6 @@ class EchoTool:
         self.calls.append(arguments)
         assert context.workspace.is_dir()
         return ToolResult(ok=True, text=f"echoed: {arguments.get('text', '')}")
-
-
-@pytest.fixture
-def tiny(models_root: Path, tiny_model_dir: Path) -> str:
-    shutil.copytree(tiny_model_dir, models_root / "tiny")
-    return "tiny"
-
-
-@pytest.fixture
-def real_engine(settings):  # type: ignore[no-untyped-def]
-    inference_worker.stop_engine()
-    yield
-    inference_worker.stop_engine()
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, tool: EchoTool, *, every_round: bool) -> None:
