@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
-from django.utils import timezone
 
 from chat import services as chat_services
 from chat.models import Conversation, Message
@@ -307,11 +306,6 @@ def reply_fork(
         raise ChatError(f"This reply cannot be forked: {e}.") from e
     except (inference.GenerationLimitReached, inference.GenerationQueueFull) as e:
         raise ChatError(str(e)) from e
-    reply = Message.objects.create(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        generation=forked,
-        parent_id=target.parent_id,
+    return chat_services.reply_version_show(
+        conversation=conversation, target=target, generation=forked
     )
-    Conversation.objects.filter(pk=conversation.pk).update(leaf=reply, updated_at=timezone.now())
-    return reply

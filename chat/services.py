@@ -164,6 +164,36 @@ def _check_idle(conversation: Conversation) -> None:
         raise ChatError("A tool call waits for you: approve or deny it, or stop the reply.")
 
 
+def _generation_start(conversation: Conversation, **create: Any) -> Generation:
+    """Start a generation for the conversation's owner, streamed to the conversation's group and
+    replayable (`create`: the rest of `generation_create`'s arguments); ChatError when the
+    owner's stream limit is reached."""
+    try:
+        return inference.generation_create(
+            user=conversation.user,
+            notify_group=conversation.group_name,
+            replayable=True,
+            **create,
+        )
+    except inference.GenerationLimitReached as e:
+        raise ChatError(str(e)) from e
+
+
+def reply_version_show(
+    *, conversation: Conversation, target: Message, generation: Generation
+) -> Message:
+    """Show `generation` as a new version of the reply `target` (a sibling under the same
+    parent), the conversation's leaf from now on."""
+    reply = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        generation=generation,
+        parent_id=target.parent_id,
+    )
+    Conversation.objects.filter(pk=conversation.pk).update(leaf=reply, updated_at=timezone.now())
+    return reply
+
+
 def _start_reply(
     conversation: Conversation,
     user_message: Message,
@@ -202,18 +232,13 @@ def _start_reply(
                 conversation, conversation_path(conversation, leaf=user_message)
             )
         turn = [*system, *turn]
-    try:
-        generation = inference.generation_create(
-            model_id=model_id,
-            messages=turn,
-            previous=previous,
-            params=generation_params,
-            user=conversation.user,
-            notify_group=conversation.group_name,
-            replayable=True,
-        )
-    except inference.GenerationLimitReached as e:
-        raise ChatError(str(e)) from e
+    generation = _generation_start(
+        conversation,
+        model_id=model_id,
+        messages=turn,
+        previous=previous,
+        params=generation_params,
+    )
     return Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
@@ -540,18 +565,13 @@ def tool_round_continue(*, reply: Message) -> Message | None:
         ChatMessage(role="tool", content=step.result, tool_call_id=step.call_id, name=step.name)
         for step in steps
     ]
-    try:
-        generation = inference.generation_create(
-            model_id=previous.model_id,
-            messages=results,
-            previous=previous,
-            params=params,
-            user=conversation.user,
-            notify_group=conversation.group_name,
-            replayable=True,
-        )
-    except inference.GenerationLimitReached as e:
-        raise ChatError(str(e)) from e
+    generation = _generation_start(
+        conversation,
+        model_id=previous.model_id,
+        messages=results,
+        previous=previous,
+        params=params,
+    )
     message = Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
@@ -657,18 +677,13 @@ def message_regenerate(
         generation_params = inference.generation_params(
             model_id=model_id, overrides={**overrides, **_tool_overrides(conversation)}
         )
-        try:
-            generation = inference.generation_create(
-                model_id=model_id,
-                messages=[],
-                prompt=old.prompt,
-                params=generation_params,
-                user=conversation.user,
-                notify_group=conversation.group_name,
-                replayable=True,
-            )
-        except inference.GenerationLimitReached as e:
-            raise ChatError(str(e)) from e
+        generation = _generation_start(
+            conversation,
+            model_id=model_id,
+            messages=[],
+            prompt=old.prompt,
+            params=generation_params,
+        )
         reply = Message.objects.create(
             conversation=conversation,
             role=Message.Role.ASSISTANT,
@@ -1009,11 +1024,4 @@ def message_continue(*, conversation: Conversation, message_code: str) -> Messag
         raise ChatError(f"This reply cannot be continued: {e}.") from e
     except inference.GenerationLimitReached as e:
         raise ChatError(str(e)) from e
-    reply = Message.objects.create(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        generation=continued,
-        parent_id=target.parent_id,
-    )
-    Conversation.objects.filter(pk=conversation.pk).update(leaf=reply, updated_at=timezone.now())
-    return reply
+    return reply_version_show(conversation=conversation, target=target, generation=continued)

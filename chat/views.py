@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -351,41 +352,25 @@ def _branch_post(request: SignedInRequest, code: UUID, fields: dict[str, str]) -
     return redirect("chat:detail", code=conversation.code)
 
 
-@require_POST
-@login_required
-def message_regenerate(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    return _branch_post(request, code, {"type": "regenerate", "message": str(message)})
+def _message_action(kind: str) -> Callable[..., HttpResponse]:
+    """The form view of the branch action `kind` ("regenerate", "edit", ...) on the message in
+    the URL: `_branch_post` with the action's type and the message's code."""
+
+    @require_POST
+    @login_required
+    def view(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
+        return _branch_post(request, code, {"type": kind, "message": str(message)})
+
+    return view
 
 
-@require_POST
-@login_required
-def message_continue(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    return _branch_post(request, code, {"type": "continue", "message": str(message)})
-
-
-@require_POST
-@login_required
-def branch_switch(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    return _branch_post(request, code, {"type": "switch", "message": str(message)})
-
-
-@require_POST
-@login_required
-def message_edit(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    return _branch_post(request, code, {"type": "edit", "message": str(message)})
-
-
-@require_POST
-@login_required
-def message_delete(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    """The form is inside a disclosure that asks first; without it nothing is sent."""
-    return _branch_post(request, code, {"type": "delete", "message": str(message)})
-
-
-@require_POST
-@login_required
-def conversation_fork(request: SignedInRequest, code: UUID, message: UUID) -> HttpResponse:
-    return _branch_post(request, code, {"type": "fork", "message": str(message)})
+message_regenerate = _message_action("regenerate")
+message_continue = _message_action("continue")
+branch_switch = _message_action("switch")
+message_edit = _message_action("edit")
+# The delete form is inside a disclosure that asks first; without it nothing is sent.
+message_delete = _message_action("delete")
+conversation_fork = _message_action("fork")
 
 
 @require_POST
