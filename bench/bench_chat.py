@@ -457,6 +457,31 @@ class RawPath:
         pass
 
 
+def start_engine(settings: Settings, **overrides: Any) -> Any:
+    """Our `Engine` in this process on `settings`' catalogue, with server.yaml's limits, batch
+    sizes and prompt cache (one model loaded at a time), started; `overrides`: Engine
+    arguments that differ (a bench's prompt cache, its KV cache settings)."""
+    from inference.engine import Engine
+
+    server = settings.config.server
+    arguments: dict[str, Any] = {
+        "catalogue": settings.catalogue,
+        "converted_dir": settings.converted_dir,
+        "max_loaded_models": 1,
+        "max_prompt_tokens": server.limits.max_prompt_tokens,
+        "max_new_tokens": server.limits.max_new_tokens,
+        "prompt_cache_entries": server.prompt_cache.max_entries,
+        "prompt_cache_bytes": server.prompt_cache.max_bytes,
+        "prefill_batch_size": server.batch.prefill_batch_size,
+        "completion_batch_size": server.batch.completion_batch_size,
+        "prefill_step_size": server.batch.prefill_step_size,
+        "cpu_float32_max_bytes": server.cpu_float32_max_bytes,
+    }
+    engine = Engine(**{**arguments, **overrides})
+    engine.start()
+    return engine
+
+
 class EnginePath:
     """Our `Engine` in this process, its prompt cache off: submit, and timestamps in `emit`."""
 
@@ -464,24 +489,9 @@ class EnginePath:
     batches = True
 
     def __init__(self, settings: Settings) -> None:
-        from inference.engine import Engine
-
-        server = settings.config.server
         self.model_id = settings.spec.id
-        self.engine = Engine(
-            catalogue=settings.catalogue,
-            converted_dir=settings.converted_dir,
-            max_loaded_models=1,
-            max_prompt_tokens=server.limits.max_prompt_tokens,
-            max_new_tokens=server.limits.max_new_tokens,
-            prompt_cache_entries=0,  # cold prefill, like raw mlx-lm
-            prompt_cache_bytes=0,
-            prefill_batch_size=server.batch.prefill_batch_size,
-            completion_batch_size=server.batch.completion_batch_size,
-            prefill_step_size=server.batch.prefill_step_size,
-            cpu_float32_max_bytes=server.cpu_float32_max_bytes,
-        )
-        self.engine.start()
+        # Cold prefill, like raw mlx-lm.
+        self.engine = start_engine(settings, prompt_cache_entries=0, prompt_cache_bytes=0)
         self.engine.load(self.model_id)
         self.batch(["Say hello."], 4)  # warm-up
 

@@ -104,7 +104,6 @@ class EngineRun(chat.EnginePath):
     name = "Engine"
 
     def __init__(self, settings: chat.Settings, folder: Path | None) -> None:
-        from inference.engine import Engine
         from inference.kvcache import KVCacheSettings
 
         server = settings.config.server
@@ -117,21 +116,7 @@ class EngineRun(chat.EnginePath):
             persist_dir=folder,
             persist_max_bytes=server.kv_persistence.max_bytes,
         )
-        self.engine = Engine(
-            catalogue=settings.catalogue,
-            converted_dir=settings.converted_dir,
-            max_loaded_models=1,
-            max_prompt_tokens=server.limits.max_prompt_tokens,
-            max_new_tokens=server.limits.max_new_tokens,
-            prompt_cache_entries=server.prompt_cache.max_entries,
-            prompt_cache_bytes=server.prompt_cache.max_bytes,
-            prefill_batch_size=server.batch.prefill_batch_size,
-            completion_batch_size=server.batch.completion_batch_size,
-            prefill_step_size=server.batch.prefill_step_size,
-            cpu_float32_max_bytes=server.cpu_float32_max_bytes,
-            kv_cache=kv,
-        )
-        self.engine.start()
+        self.engine = chat.start_engine(settings, kv_cache=kv)
 
     def reply(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[Stream, str]:
         """One greedy reply and where its KV prefix came from (Finished.prompt_cache)."""
