@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.live import Site, write_configs
+from tests.support.browser import tiny_site
+from tests.support.live import Site
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -25,27 +25,11 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def live_site(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("site")
-    models = root / "models"
-    shutil.copytree(tiny_model_dir, models / "tiny")
-    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
-        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
-        "MLXWEB_CONFIG_DIR": str(configs),
-        "MLXWEB_MODELS_DIR": str(models),
-        "MLXWEB_VAR_DIR": str(root / "var"),
-        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
-        "MLXWEB_SECRET_KEY": "browser-test",
-        # The privacy test signs up a second person; sign-up is closed by default.
-        "MLXWEB_ALLOW_SIGNUP": "true",
-        "PYTHONUNBUFFERED": "1",
-    }
-    site = Site(env=env, log_dir=root)
-    site.manage("migrate", "--noinput", "-v0")
-    site.serve()
-    yield site
-    site.stop_all()
+    # The privacy test signs up a second person; sign-up is closed by default.
+    with tiny_site(
+        tmp_path_factory.mktemp("site"), tiny_model_dir, MLXWEB_ALLOW_SIGNUP="true"
+    ) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

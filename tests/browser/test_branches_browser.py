@@ -9,32 +9,27 @@ import re
 import pytest
 from playwright.sync_api import FilePayload, Page, expect
 
+from tests.support.browser import signed_up_page
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 # Long enough for the first reply to load the model on a busy machine.
 REPLY_TIMEOUT = 120_000
 
 
 @pytest.fixture(scope="module")
 def page(browser, live_site):  # type: ignore[no-untyped-def]
-    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
-    page = context.new_page()
-    page.goto(live_site.url + "/signup/")
-    page.fill("input[name=username]", "grace")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    page.click("details.options summary")
-    page.fill("input[name=max_tokens]", "8")
-    box = page.locator("#composer textarea[name=text]")
-    box.fill("Name a colour.")
-    box.press("Enter")
-    # The first message also loads the model, which holds the in-process server up a while.
-    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"), timeout=REPLY_TIMEOUT)
-    _wait_for_reply(page)
-    yield page
-    context.close()
+    clipboard = ["clipboard-read", "clipboard-write"]
+    with signed_up_page(browser, live_site.url, "grace", permissions=clipboard) as page:
+        page.click("details.options summary")
+        page.fill("input[name=max_tokens]", "8")
+        box = page.locator("#composer textarea[name=text]")
+        box.fill("Name a colour.")
+        box.press("Enter")
+        # The first message also loads the model, which holds the in-process server up a while.
+        page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"), timeout=REPLY_TIMEOUT)
+        _wait_for_reply(page)
+        yield page
 
 
 def _wait_for_reply(page: Page) -> None:
@@ -116,7 +111,6 @@ def test_delete_asks_first_then_takes_the_reply_and_shows_the_other_version(page
     page.reload()
     expect(page.locator("article.assistant")).to_have_count(1)
     expect(_reply(page).locator(".versions")).to_have_count(0)
-
 
 
 def test_code_blocks_copy_and_a_link_to_a_message_is_marked(page: Page, live_site) -> None:

@@ -7,18 +7,9 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.support.browser import sign_up, signed_up_page
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
-
-PASSWORD = "a-long-pass-phrase"
-
-
-def _sign_up(page: Page, base_url: str, username: str) -> None:
-    page.goto(base_url + "/signup/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
 
 
 def _start_chat(page: Page, text: str, max_tokens: int | None = None) -> None:
@@ -44,11 +35,8 @@ def _send(page: Page, text: str, max_tokens: int | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def first_user_page(browser, live_site):  # type: ignore[no-untyped-def]
-    context = browser.new_context()
-    page = context.new_page()
-    _sign_up(page, live_site.url, "ada")
-    yield page
-    context.close()
+    with signed_up_page(browser, live_site.url, "ada") as page:
+        yield page
 
 
 def test_it_signs_up_the_first_user_as_admin(first_user_page: Page, live_site) -> None:
@@ -146,7 +134,7 @@ def test_it_hides_one_users_chat_from_another(browser, first_user_page: Page, li
 
     context = browser.new_context()
     page = context.new_page()
-    _sign_up(page, live_site.url, "grace")
+    sign_up(page, live_site.url, "grace")
     # The models list is read-only for people who are not staff: no library actions.
     page.click(".topbar >> text=Models")
     expect(page.locator("main")).to_contain_text("ask them for one that is missing")

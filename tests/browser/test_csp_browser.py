@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.support.browser import PASSWORD, sign_up
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 REMOTE = "http://127.0.0.2:9/leak.png"
 
 # Collects every violation the page reports, from the first script on.
@@ -62,12 +63,7 @@ def admin_page(browser, live_site) -> Iterator[tuple[Page, Watch]]:  # type: ign
     context.add_init_script(LISTEN)
     page = context.new_page()
     watch = Watch(page, live_site.url)
-    page.goto(live_site.url + "/signup/")
-    page.fill("input[name=username]", "ada")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
+    sign_up(page, live_site.url, "ada")
     yield page, watch
     context.close()
 

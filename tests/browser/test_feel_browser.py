@@ -18,11 +18,11 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from chat.markdown import render_markdown
+from tests.support.browser import sign_up
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 
 LISTEN = """
 window.__cspViolations = [];
@@ -141,12 +141,7 @@ def desk(browser, live_site, errors: Errors) -> Iterator[Page]:  # type: ignore[
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     errors.watch(context)
     page = context.new_page()
-    page.goto(live_site.url + "/signup/")
-    page.fill("input[name=username]", "ada")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
+    sign_up(page, live_site.url, "ada")
     yield page
     context.close()
 

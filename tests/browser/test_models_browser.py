@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import time
@@ -18,12 +17,12 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 from models_admin.progress import FLUSH_INTERVAL_SECONDS
-from tests.support.live import Site, write_configs
+from tests.support.browser import signed_up_page, tiny_site
+from tests.support.live import Site
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(400)]
 
-PASSWORD = "a-long-pass-phrase"
 IMPORTED = "smollm2-imported"
 PARIS = "What is the capital of France? Answer briefly."
 
@@ -47,41 +46,18 @@ def models_site(
     """A live site on the tiny model whose models folder also links to the SmolLM2 GGUF; the
     link's real folder is a configured import folder, so the library may read through it."""
     root = tmp_path_factory.mktemp("models-site")
-    models = root / "models"
-    shutil.copytree(tiny_model_dir, models / "tiny")
-    (models / "smollm2").mkdir()
-    (models / "smollm2" / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
-        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
-        "MLXWEB_CONFIG_DIR": str(configs),
-        "MLXWEB_MODELS_DIR": str(models),
-        "MLXWEB_IMPORT_DIRS": str(smollm2_gguf.resolve().parent),
-        "MLXWEB_VAR_DIR": str(root / "var"),
-        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
-        "MLXWEB_SECRET_KEY": "browser-test",
-        "PYTHONUNBUFFERED": "1",
-    }
-    site = Site(env=env, log_dir=root)
-    site.manage("migrate", "--noinput", "-v0")
-    site.serve()
-    yield site
-    site.stop_all()
+    (root / "models" / "smollm2").mkdir(parents=True)
+    (root / "models" / "smollm2" / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    import_dirs = str(smollm2_gguf.resolve().parent)
+    with tiny_site(root, tiny_model_dir, MLXWEB_IMPORT_DIRS=import_dirs) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")
 def admin_page(browser: Any, models_site: Site) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(models_site.url + "/signup/")
-    page.fill("input[name=username]", "ada")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
-    yield page
-    context.close()
+    viewport = {"width": 1400, "height": 1000}
+    with signed_up_page(browser, models_site.url, "ada", viewport=viewport) as page:
+        yield page
 
 
 def _watch_job(page: Page, timeout_s: float) -> list[tuple[str, str, str, str]]:

@@ -4,7 +4,6 @@ them stick across a reload, and read the composer's context meter and cache line
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -14,11 +13,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.support.live import Site, write_configs
+from tests.support.browser import signed_up_page, tiny_site
+from tests.support.live import Site
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 BUILTIN_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "presets"
 
 
@@ -26,39 +25,15 @@ BUILTIN_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "presets"
 def presets_site(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Site]:
     """The browser tests' live site, with the built-in presets in its configs folder."""
     root = tmp_path_factory.mktemp("presets-site")
-    models = root / "models"
-    shutil.copytree(tiny_model_dir, models / "tiny")
-    configs = write_configs(root / "configs", model_id="tiny", model_dir="tiny")
-    shutil.copytree(BUILTIN_PRESETS, configs / "presets")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLXWEB_")},
-        "DJANGO_SETTINGS_MODULE": "mlxweb.settings",
-        "MLXWEB_CONFIG_DIR": str(configs),
-        "MLXWEB_MODELS_DIR": str(models),
-        "MLXWEB_VAR_DIR": str(root / "var"),
-        "MLXWEB_DATABASE_URL": f"sqlite:///{root / 'db.sqlite3'}",
-        "MLXWEB_SECRET_KEY": "browser-test",
-        "PYTHONUNBUFFERED": "1",
-    }
-    site = Site(env=env, log_dir=root)
-    site.manage("migrate", "--noinput", "-v0")
-    site.serve()
-    yield site
-    site.stop_all()
+    shutil.copytree(BUILTIN_PRESETS, root / "configs" / "presets")
+    with tiny_site(root, tiny_model_dir) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")
 def page(browser, presets_site: Site) -> Iterator[Page]:  # type: ignore[no-untyped-def]
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(presets_site.url + "/signup/")
-    page.fill("input[name=username]", "grace")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
-    yield page
-    context.close()
+    with signed_up_page(browser, presets_site.url, "grace") as page:
+        yield page
 
 
 def test_it_makes_a_preset_refusing_a_bad_value_next_to_its_field(

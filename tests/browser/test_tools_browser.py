@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.support.browser import signed_up_page
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 
 # The tiny test model writes noise, so the reply that calls python is recorded here (as the
 # command-line chat records its replies); the model's side of the loop, forced and constrained,
@@ -46,16 +47,8 @@ print(conversation.code)
 
 @pytest.fixture(scope="module")
 def page(browser, live_site):  # type: ignore[no-untyped-def]
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(live_site.url + "/signup/")
-    page.fill("input[name=username]", "ada")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page.locator("#composer")).to_be_visible()
-    yield page
-    context.close()
+    with signed_up_page(browser, live_site.url, "ada") as page:
+        yield page
 
 
 def test_it_approves_a_python_call_and_shows_its_output(page: Page, live_site) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.support.browser import sign_up
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-PASSWORD = "a-long-pass-phrase"
 REPLY_TIMEOUT = 120_000
 
 
@@ -33,11 +34,7 @@ def page(browser, live_site):  # type: ignore[no-untyped-def]
         "console",
         lambda m: "Content Security Policy" in m.text and page.csp_violations.append(m.text),  # type: ignore[attr-defined]
     )
-    page.goto(live_site.url + "/signup/")
-    page.fill("input[name=username]", "linnea")
-    page.fill("input[name=password1]", PASSWORD)
-    page.fill("input[name=password2]", PASSWORD)
-    page.click("button[type=submit]")
+    sign_up(page, live_site.url, "linnea")
     page.click("details.options summary")
     page.fill("input[name=max_tokens]", "8")
     box = page.locator("textarea[name=text]")
