@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from hypothesis import settings as hypothesis_settings
 
@@ -97,6 +98,26 @@ def communicator_for(
     if cookie:
         headers.append((b"cookie", cookie))
     return WebsocketCommunicator(application, f"/ws/conversations/{code}/", headers=headers)
+
+
+async def connected_socket(user: Any, conversation: Any) -> WebsocketCommunicator:
+    """`user`'s socket on `conversation`, connected (with a real session cookie)."""
+    cookie = await sync_to_async(session_cookie_for)(user)
+    communicator = communicator_for(cookie, conversation.code)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def frames_until(communicator: WebsocketCommunicator, needle: str, limit: int = 200) -> str:
+    """The frames the socket receives up to the first that contains `needle`, joined."""
+    seen = []
+    for _ in range(limit):
+        frame = await communicator.receive_from(timeout=5)
+        seen.append(frame)
+        if needle in frame:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never arrived; got {seen!r}")
 
 
 # The long fuzzing run of the socket message schema: --hypothesis-profile=fuzz.

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from chat import services
 from chat.models import Conversation, Message
 from inference.models import Generation
-from tests.chat.conftest import communicator_for, session_cookie_for
+from tests.chat.conftest import connected_socket, frames_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -26,24 +25,6 @@ ANSWER = "Hello there, friend."
 @pytest.fixture
 def conversation(owner, models_root) -> Conversation:  # type: ignore[no-untyped-def]
     return Conversation.objects.create(user=owner, model_id=MODEL)
-
-
-async def _connect(user: Any, conversation: Conversation) -> WebsocketCommunicator:
-    cookie = await sync_to_async(session_cookie_for)(user)
-    communicator = communicator_for(cookie, conversation.code)
-    connected, _ = await communicator.connect()
-    assert connected
-    return communicator
-
-
-async def _frames_until(communicator: WebsocketCommunicator, needle: str, limit: int = 200) -> str:
-    seen = []
-    for _ in range(limit):
-        frame = await communicator.receive_from(timeout=5)
-        seen.append(frame)
-        if needle in frame:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} never arrived; got {seen!r}")
 
 
 def _action(kind: str, **fields: Any) -> str:
@@ -65,16 +46,16 @@ async def _reply(conversation: Conversation) -> Message:
 async def test_a_regenerated_reply_and_the_title_reach_every_tab(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    first = await _connect(owner, conversation)
-    second = await _connect(owner, conversation)
+    first = await connected_socket(owner, conversation)
+    second = await connected_socket(owner, conversation)
     await first.send_to(text_data=_action("send", text="Say hello"))
-    await _frames_until(second, 'class="body md"')
+    await frames_until(second, 'class="body md"')
 
     # The title: generated once the reply has ended, shown in every tab's list, its tokens
     # never streamed into the page.
     title = "Hello there, friend"
-    frames = await _frames_until(first, f">{title}</a>")
-    await _frames_until(second, f">{title}</a>")
+    frames = await frames_until(first, f">{title}</a>")
+    await frames_until(second, f">{title}</a>")
     generation = await Generation.objects.aget(notify_group=services.title_group(conversation))
     assert str(generation.code) not in frames
     await conversation.arefresh_from_db()
@@ -83,16 +64,16 @@ async def test_a_regenerated_reply_and_the_title_reach_every_tab(
     old = await _reply(conversation)
     await second.send_to(text_data=_action("regenerate", message=str(old.code)))
     for tab in (first, second):
-        frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+        frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
         assert "1/2" not in frames and "2/2" in frames
-        await _frames_until(tab, 'class="body md"')  # the new version's final render
+        await frames_until(tab, 'class="body md"')  # the new version's final render
     new = await _reply(conversation)
     assert new.pk != old.pk and new.parent_id == old.parent_id
     assert new.generation is not None and new.generation.text == ANSWER
 
     await first.send_to(text_data=_action("switch", message=str(old.code)))
     for tab in (first, second):
-        frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+        frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
         assert "1/2" in frames
     await conversation.arefresh_from_db()
     assert conversation.leaf_id == old.pk
@@ -103,16 +84,16 @@ async def test_a_regenerated_reply_and_the_title_reach_every_tab(
 async def test_an_edit_makes_a_branch_with_its_reply(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     await tab.send_to(text_data=_action("send", text="Say hello"))
-    await _frames_until(tab, 'class="body md"')
+    await frames_until(tab, 'class="body md"')
     user = await Message.objects.aget(conversation=conversation, role="user")
 
     await tab.send_to(text_data=_action("edit", message=str(user.code), content="Say goodbye"))
 
-    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
     assert "Say goodbye" in frames and "2/2" in frames
-    await _frames_until(tab, 'class="body md"')
+    await frames_until(tab, 'class="body md"')
     reply = await _reply(conversation)
     assert reply.generation is not None
     assert await sync_to_async(reply.generation.prompt_messages)() == [
@@ -125,15 +106,15 @@ async def test_deleting_stops_the_running_reply_below(
     owner, conversation, fake_engine, running_worker
 ) -> None:
     fake_engine.pause_after = 1
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     await tab.send_to(text_data=_action("send", text="Tell me a long story"))
-    await _frames_until(tab, 'hx-swap-oob="beforeend:#reply-')
+    await frames_until(tab, 'hx-swap-oob="beforeend:#reply-')
     reply = await _reply(conversation)
     user = await Message.objects.aget(conversation=conversation, role="user")
 
     await tab.send_to(text_data=_action("delete", message=str(user.code)))
 
-    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
     shown = frames.split("innerHTML:#messages")[-1]
     assert f'id="message-{user.code}"' not in shown
     assert f'id="message-{reply.code}"' not in shown
@@ -147,27 +128,27 @@ async def test_deleting_stops_the_running_reply_below(
 async def test_a_fork_opens_in_the_tab_that_asked_and_pins_show_everywhere(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    first = await _connect(owner, conversation)
-    second = await _connect(owner, conversation)
+    first = await connected_socket(owner, conversation)
+    second = await connected_socket(owner, conversation)
     await first.send_to(text_data=_action("send", text="Say hello"))
-    await _frames_until(first, 'class="body md"')
+    await frames_until(first, 'class="body md"')
     reply = await _reply(conversation)
 
     await first.send_to(text_data=_action("fork", message=str(reply.code)))
 
-    frames = await _frames_until(first, "socket-navigate")
+    frames = await frames_until(first, "socket-navigate")
     fork = await Conversation.objects.exclude(pk=conversation.pk).aget()
     assert f'data-location="/c/{fork.code}/"' in frames
     assert await Message.objects.filter(conversation=fork).acount() == 2
 
     await second.send_to(text_data=_action("pin", pinned="on"))
     for tab in (first, second):
-        frames = await _frames_until(tab, "Unpin")
+        frames = await frames_until(tab, "Unpin")
         assert ">Pinned</h2>" in frames
     await conversation.arefresh_from_db()
     assert conversation.pinned
     await second.send_to(text_data=_action("rename", title="  My   trip "))
-    await _frames_until(first, 'value="My trip"')
+    await frames_until(first, 'value="My trip"')
     await conversation.arefresh_from_db()
     assert (conversation.title, conversation.title_edited) == ("My trip", True)
     await first.disconnect()
@@ -183,8 +164,8 @@ async def test_a_title_due_while_no_tab_was_open_starts_when_one_opens(
         reply.generation.finish("eos", text="Hi!", content="Hi!")
 
     await sync_to_async(exchange_without_a_tab)()
-    tab = await _connect(owner, conversation)
-    await _frames_until(tab, ">Hello there, friend</a>")
+    tab = await connected_socket(owner, conversation)
+    await frames_until(tab, ">Hello there, friend</a>")
     await conversation.arefresh_from_db()
     assert conversation.title == "Hello there, friend"
     await tab.disconnect()
@@ -208,7 +189,7 @@ async def test_a_title_due_while_no_tab_was_open_starts_when_one_opens(
 async def test_bad_branch_actions_are_errors_that_change_nothing(
     owner, conversation, payload, error
 ) -> None:
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     await tab.send_to(text_data=payload)
     frame = await tab.receive_from(timeout=5)
     assert 'id="socket-error"' in frame
@@ -229,7 +210,7 @@ async def test_it_refuses_actions_on_another_conversations_messages(
         return reply
 
     reply = await sync_to_async(strangers_exchange)()
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     for kind in ("regenerate", "delete", "fork", "switch"):
         await tab.send_to(text_data=_action(kind, message=str(reply.code)))
         frame = await tab.receive_from(timeout=5)
@@ -251,11 +232,11 @@ async def test_through_the_real_engine_a_greedy_regeneration_repeats_the_reply_a
     owner, tiny_conversation, running_worker
 ) -> None:
     conversation = tiny_conversation
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     await tab.send_to(text_data=_action("send", text="Hello", temperature=0, max_tokens=8))
-    await _frames_until(tab, 'class="body md"', limit=500)
+    await frames_until(tab, 'class="body md"', limit=500)
     # The title's end refreshes the list (the reply's own frames came before it).
-    await _frames_until(tab, 'id="sidebar"', limit=500)
+    await frames_until(tab, 'id="sidebar"', limit=500)
     title = await Generation.objects.aget(notify_group=services.title_group(conversation))
     assert title.state == Generation.State.COMPLETE
     await conversation.arefresh_from_db()
@@ -264,8 +245,8 @@ async def test_through_the_real_engine_a_greedy_regeneration_repeats_the_reply_a
 
     old = await _reply(conversation)
     await tab.send_to(text_data=_action("regenerate", message=str(old.code)))
-    await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
-    await _frames_until(tab, 'class="body md"', limit=500)
+    await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    await frames_until(tab, 'class="body md"', limit=500)
     new = await _reply(conversation)
     assert new.pk != old.pk and new.generation is not None and old.generation is not None
     assert new.generation.prompt_id == old.generation.prompt_id
@@ -278,22 +259,22 @@ async def test_forms_and_links_without_the_socket_update_the_open_tabs(
 ) -> None:
     from django.test import Client
 
-    tab = await _connect(owner, conversation)
+    tab = await connected_socket(owner, conversation)
     await tab.send_to(text_data=_action("send", text="Say hello"))
-    await _frames_until(tab, 'class="body md"')
+    await frames_until(tab, 'class="body md"')
     old = await _reply(conversation)
     client = Client()
     await sync_to_async(client.force_login)(owner)
 
     # Another window without the socket regenerates: this tab shows the new version.
     await sync_to_async(client.post)(f"/c/{conversation.code}/m/{old.code}/regenerate/")
-    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
     assert "2/2" in frames
-    await _frames_until(tab, 'class="body md"')
+    await frames_until(tab, 'class="body md"')
     # A search hit's link to the first version: the tab follows to that branch.
     await sync_to_async(client.get)(f"/c/{conversation.code}/", {"m": str(old.code)})
-    frames = await _frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
+    frames = await frames_until(tab, 'hx-swap-oob="innerHTML:#messages"')
     assert "1/2" in frames
     await sync_to_async(client.post)(f"/c/{conversation.code}/pin/", {"pinned": "on"})
-    await _frames_until(tab, ">Pinned</h2>")
+    await frames_until(tab, ">Pinned</h2>")
     await tab.disconnect()

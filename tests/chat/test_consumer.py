@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -26,7 +25,7 @@ from chat.schemas import (
 )
 from inference.models import Generation
 from inference.schemas import GenerationParams
-from tests.chat.conftest import communicator_for, session_cookie_for
+from tests.chat.conftest import communicator_for, connected_socket, frames_until, session_cookie_for
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -34,24 +33,6 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 @pytest.fixture
 def conversation(owner, models_root) -> Conversation:  # type: ignore[no-untyped-def]
     return Conversation.objects.create(user=owner, model_id="smollm2-135m-instruct")
-
-
-async def _connect(user: Any, conversation: Conversation) -> WebsocketCommunicator:
-    cookie = await sync_to_async(session_cookie_for)(user)
-    communicator = communicator_for(cookie, conversation.code)
-    connected, _ = await communicator.connect()
-    assert connected
-    return communicator
-
-
-async def _frames_until(communicator: WebsocketCommunicator, needle: str, limit: int = 200) -> str:
-    seen = []
-    for _ in range(limit):
-        frame = await communicator.receive_from(timeout=5)
-        seen.append(frame)
-        if needle in frame:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} never arrived; got {seen!r}")
 
 
 def _reply_requests(fake_engine: Any) -> list[Any]:
@@ -73,10 +54,10 @@ def _send(text: str, **extra: Any) -> str:
 async def test_it_streams_tokens_and_ends_with_the_saved_reply(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Say hello"))
 
-    frames = await _frames_until(communicator, 'class="body md"')
+    frames = await frames_until(communicator, 'class="body md"')
     assert "Say hello" in frames
     assert 'hx-swap-oob="beforeend:#reply-' in frames  # token deltas
     assert "<p>Hello there, friend.</p>" in frames  # the final markdown render
@@ -133,7 +114,7 @@ async def test_it_refuses_a_foreign_origin(owner, conversation) -> None:
 async def test_it_answers_bad_messages_with_an_error_and_stays_usable(
     owner, conversation, fake_engine, running_worker, payload, error
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=payload)
     frame = await communicator.receive_from(timeout=5)
     assert 'id="socket-error"' in frame
@@ -141,12 +122,12 @@ async def test_it_answers_bad_messages_with_an_error_and_stays_usable(
     assert await Generation.objects.acount() == 0
 
     await communicator.send_to(text_data=_send("still here?"))
-    await _frames_until(communicator, 'class="body md"')
+    await frames_until(communicator, 'class="body md"')
     await communicator.disconnect()
 
 
 async def test_it_refuses_messages_over_the_size_limit(owner, conversation, settings) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("x" * 70_000))
     frame = await communicator.receive_from(timeout=5)
     assert "too large" in frame
@@ -154,9 +135,9 @@ async def test_it_refuses_messages_over_the_size_limit(owner, conversation, sett
 
 
 async def test_it_escapes_html_in_user_text(owner, conversation, fake_engine, running_worker):
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("<script>alert(1)</script>"))
-    frames = await _frames_until(communicator, 'class="body md"')
+    frames = await frames_until(communicator, 'class="body md"')
     assert "<script>alert(1)</script>" not in frames
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in frames
     await communicator.disconnect()
@@ -165,16 +146,16 @@ async def test_it_escapes_html_in_user_text(owner, conversation, fake_engine, ru
 async def test_it_stops_a_reply_and_keeps_its_text(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     fake_engine.words = ["one", " two", " three", " four"]
     fake_engine.pause_after = 1  # hold the engine after the first word
     await communicator.send_to(text_data=_send("Count"))
-    await _frames_until(communicator, ">one<")
+    await frames_until(communicator, ">one<")
     reply = await Message.objects.aget(role="assistant")
     await communicator.send_to(text_data=json.dumps({"type": "stop", "reply": str(reply.code)}))
     await asyncio.sleep(0.05)
     fake_engine.gate.set()
-    frames = await _frames_until(communicator, "Stopped")
+    frames = await frames_until(communicator, "Stopped")
     assert 'class="body md"' in frames
     generation = await Generation.objects.aget()
     assert generation.state == Generation.State.STOPPED
@@ -186,10 +167,10 @@ async def test_it_stops_a_reply_and_keeps_its_text(
 async def test_it_keeps_streaming_after_the_socket_leaves(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     fake_engine.delay = 0.05
     await communicator.send_to(text_data=_send("Go on"))
-    await _frames_until(communicator, "beforeend:#reply-")
+    await frames_until(communicator, "beforeend:#reply-")
     await communicator.disconnect()
     for _ in range(100):
         generation = await Generation.objects.aget()
@@ -203,18 +184,18 @@ async def test_it_keeps_streaming_after_the_socket_leaves(
 async def test_it_sends_a_new_tab_the_text_so_far_then_keeps_streaming(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    first = await _connect(owner, conversation)
+    first = await connected_socket(owner, conversation)
     fake_engine.words = ["alpha", " beta", " gamma", " delta"]
     fake_engine.pause_after = 2
     await first.send_to(text_data=_send("Greek"))
-    await _frames_until(first, "beta")
+    await frames_until(first, "beta")
 
-    second = await _connect(owner, conversation)
+    second = await connected_socket(owner, conversation)
     snapshot = await second.receive_from(timeout=5)
     assert 'hx-swap-oob="true"' in snapshot
     assert "alpha beta" in snapshot  # the exact text so far, replacing what the page showed
     fake_engine.gate.set()
-    frames = await _frames_until(second, 'class="body md"')
+    frames = await frames_until(second, 'class="body md"')
     assert "<p>alpha beta gamma delta</p>" in frames
     await first.disconnect()
     await second.disconnect()
@@ -225,14 +206,14 @@ async def test_a_tab_that_joins_after_the_reply_ended_gets_its_final_frame(
 ) -> None:
     # The page rendered the reply while it streamed, but it ended before this socket joined
     # the conversation's group: without a frame on connect the tab would wait on forever.
-    first = await _connect(owner, conversation)
+    first = await connected_socket(owner, conversation)
     fake_engine.words = ["quick", " reply"]
     await first.send_to(text_data=_send("Hi"))
-    await _frames_until(first, 'class="body md"')
+    await frames_until(first, 'class="body md"')
     await first.disconnect()
 
-    late = await _connect(owner, conversation)
-    frames = await _frames_until(late, 'class="body md"')
+    late = await connected_socket(owner, conversation)
+    frames = await frames_until(late, 'class="body md"')
     assert 'hx-swap-oob="true"' in frames and "<p>quick reply</p>" in frames
     await late.disconnect()
 
@@ -240,15 +221,15 @@ async def test_a_tab_that_joins_after_the_reply_ended_gets_its_final_frame(
 async def test_reasoning_deltas_stream_into_the_thinking_section(owner, conversation) -> None:
     from channels.layers import get_channel_layer
 
-    socket = await _connect(owner, conversation)
+    socket = await connected_socket(owner, conversation)
     layer = get_channel_layer()
     for channel, text in (("reasoning", "Let me think"), ("content", "The answer")):
         await layer.group_send(
             conversation.group_name,
             {"type": "generation.delta", "code": "c0de", "text": text, "channel": channel},
         )
-    thinking = await _frames_until(socket, "Let me think")
-    answer = await _frames_until(socket, "The answer")
+    thinking = await frames_until(socket, "Let me think")
+    answer = await frames_until(socket, "The answer")
     assert "#reply-c0de-reasoning" in thinking and "#reply-c0de-text" in answer
     await socket.disconnect()
 
@@ -256,14 +237,14 @@ async def test_reasoning_deltas_stream_into_the_thinking_section(owner, conversa
 async def test_it_refuses_a_second_turn_while_a_reply_streams(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     fake_engine.gate.clear()
     await communicator.send_to(text_data=_send("first"))
     await communicator.send_to(text_data=_send("second"))
-    frames = await _frames_until(communicator, "socket-error")
+    frames = await frames_until(communicator, "socket-error")
     assert "Wait for the reply to finish" in frames
     fake_engine.gate.set()
-    await _frames_until(communicator, 'class="body md"')
+    await frames_until(communicator, 'class="body md"')
     assert await Message.objects.filter(role="user").acount() == 1
     await communicator.disconnect()
 
@@ -284,28 +265,28 @@ async def test_it_refuses_a_second_turn_while_a_reply_streams(
 async def test_it_answers_hostile_json_with_an_error_and_stays_open(
     owner, conversation, fake_engine, running_worker, payload, error
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=payload)
     if error:
         frame = await communicator.receive_from(timeout=5)
         assert 'id="socket-error"' in frame
         assert error in frame
     else:
-        await _frames_until(communicator, 'class="body md"')
+        await frames_until(communicator, 'class="body md"')
 
     await communicator.send_to(text_data=_send("still here?"))
-    await _frames_until(communicator, "still here?")
-    await _frames_until(communicator, 'class="body md"')
+    await frames_until(communicator, "still here?")
+    await frames_until(communicator, 'class="body md"')
     await communicator.disconnect()
 
 
 async def test_it_sends_the_model_the_whole_conversation_each_turn(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     for text in ("First", "Second", "Third"):
         await communicator.send_to(text_data=_send(text))
-        await _frames_until(communicator, 'class="body md"')
+        await frames_until(communicator, 'class="body md"')
 
     reply = "Hello there, friend."
     assert _reply_requests(fake_engine)[2].messages == [
@@ -330,13 +311,13 @@ async def test_it_refuses_a_reply_over_the_users_queued_limit(owner, settings) -
         conversation = await Conversation.objects.acreate(
             user=owner, model_id="smollm2-135m-instruct"
         )
-        sockets.append(await _connect(owner, conversation))
+        sockets.append(await connected_socket(owner, conversation))
     for communicator in sockets[:2]:
         await communicator.send_to(text_data=_send("Queue me"))
-        await _frames_until(communicator, "Queue me")
+        await frames_until(communicator, "Queue me")
 
     await sockets[2].send_to(text_data=_send("One too many"))
-    frames = await _frames_until(sockets[2], "socket-error")
+    frames = await frames_until(sockets[2], "socket-error")
     assert "You have 2 replies waiting to start (the limit is 2)" in frames
     assert await Generation.objects.acount() == 2
     assert not await Message.objects.filter(content="One too many").aexists()
@@ -425,13 +406,13 @@ def test_the_depth_scan_agrees_with_the_parser(value: object) -> None:
 async def test_it_sends_every_turn_when_the_last_reply_has_no_record(
     owner, conversation, fake_engine, running_worker
 ) -> None:
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("First"))
-    await _frames_until(communicator, 'class="body md"')
+    await frames_until(communicator, 'class="body md"')
     await Generation.objects.all().adelete()  # the reply's row is gone: nothing to continue
 
     await communicator.send_to(text_data=_send("Second"))
-    await _frames_until(communicator, 'class="body md"')
+    await frames_until(communicator, 'class="body md"')
     assert _reply_requests(fake_engine)[1].messages == [
         {"role": "user", "content": "First"},
         {"role": "user", "content": "Second"},
@@ -450,7 +431,7 @@ async def test_it_refuses_a_decision_on_a_strangers_tool_call(
         )
 
     step = await sync_to_async(waiting_step_of_the_stranger)()
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(
         text_data=json.dumps({"type": "tool", "step": str(step.code), "decision": "approve"})
     )

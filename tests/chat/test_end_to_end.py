@@ -15,7 +15,7 @@ from channels.testing import WebsocketCommunicator
 from chat import services
 from chat.models import Conversation
 from inference.models import Generation
-from tests.chat.conftest import communicator_for, session_cookie_for
+from tests.chat.conftest import connected_socket
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -25,14 +25,6 @@ def _limits(settings: Any, **changes: Any) -> None:
     limits = config.server.limits.model_copy(update=changes)
     server = config.server.model_copy(update={"limits": limits})
     settings.MLXWEB_CONFIG = config.model_copy(update={"server": server})
-
-
-async def _connect(user: Any, conversation: Conversation) -> WebsocketCommunicator:
-    cookie = await sync_to_async(session_cookie_for)(user)
-    communicator = communicator_for(cookie, conversation.code)
-    connected, _ = await communicator.connect()
-    assert connected
-    return communicator
 
 
 async def _until_done(
@@ -55,7 +47,7 @@ async def test_it_streams_a_real_reply_and_records_it(
     owner, tiny, real_engine, running_worker
 ) -> None:
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Hello", max_tokens=24, temperature=0))
     frames = await _until_done(communicator)
 
@@ -75,8 +67,8 @@ async def test_it_streams_two_chats_at_the_same_time(
 ) -> None:
     first = await Conversation.objects.acreate(user=owner, model_id=tiny)
     second = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    a = await _connect(owner, first)
-    b = await _connect(owner, second)
+    a = await connected_socket(owner, first)
+    b = await connected_socket(owner, second)
     options = {"max_tokens": 200, "temperature": 0.8, "seed": 1}
     await a.send_to(text_data=_send("Tell a story", **options))
     await b.send_to(text_data=_send("Tell another story", **options))
@@ -98,7 +90,7 @@ async def test_it_stops_a_real_reply_and_keeps_its_text(
     owner, tiny, real_engine, running_worker
 ) -> None:
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Go on", max_tokens=2000, temperature=0.8))
     while "beforeend:#reply-" not in await communicator.receive_from(timeout=60):
         pass
@@ -117,7 +109,7 @@ async def test_it_trims_the_oldest_turns_and_says_so(
 ) -> None:
     _limits(settings, max_prompt_tokens=120)
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     long_turn = "This sentence makes the conversation longer and longer. " * 4
     for _ in range(3):
         await communicator.send_to(text_data=_send(long_turn, max_tokens=8, temperature=0))
@@ -137,7 +129,7 @@ async def test_it_reports_an_engine_error_on_the_reply_and_keeps_serving(
     (broken / "config.json").write_text('{"model_type": "llama"}')
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     conversation = await Conversation.objects.acreate(user=owner, model_id="broken")
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Hello"))
     frames = await _until_done(communicator)
     assert "Error:" in frames[-1][1]
@@ -206,7 +198,7 @@ async def test_it_answers_paris_with_the_default_model(
     owner, smollm2_models_root, real_engine, running_worker
 ) -> None:
     conversation = await Conversation.objects.acreate(user=owner, model_id="smollm2-135m-instruct")
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(
         text_data=_send(
             "What is the capital of France? Answer briefly.", temperature=0, max_tokens=32

@@ -16,7 +16,10 @@ from chat import services
 from chat.models import Conversation, Message, ToolStep
 from inference.models import Generation
 from inference.tools.base import ToolContext, ToolResult
-from tests.chat.conftest import communicator_for, running_worker, session_cookie_for
+from tests.chat.conftest import (
+    connected_socket,
+    running_worker,
+)
 
 __all__ = ["running_worker"]  # the chat tests' fixture, used here
 
@@ -70,14 +73,6 @@ def _max_rounds(settings: Any, rounds: int) -> None:
     settings.MLXWEB_CONFIG = config.model_copy(update={"server": server})
 
 
-async def _connect(user: Any, conversation: Conversation) -> WebsocketCommunicator:
-    cookie = await sync_to_async(session_cookie_for)(user)
-    communicator = communicator_for(cookie, conversation.code)
-    connected, _ = await communicator.connect()
-    assert connected
-    return communicator
-
-
 async def _until(
     communicator: WebsocketCommunicator, check: Callable[[], bool], timeout: float = 150
 ) -> list[str]:
@@ -109,7 +104,7 @@ async def test_it_waits_for_approval_runs_the_tool_and_continues(
     tool = EchoTool(mutating=True)
     _install(monkeypatch, tool, every_round=False)
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Echo hello"))
     frames = await _until(communicator, lambda: ToolStep.objects.filter(state="waiting").exists())
     step = await ToolStep.objects.aget()
@@ -149,7 +144,7 @@ async def test_a_denied_call_goes_back_as_denied(
     tool = EchoTool(mutating=True)
     _install(monkeypatch, tool, every_round=False)
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Echo hello"))
     await _until(communicator, lambda: ToolStep.objects.filter(state="waiting").exists())
     step = await ToolStep.objects.aget()
@@ -170,7 +165,7 @@ async def test_it_stops_after_max_rounds_with_an_answer_without_tools(
     tool = EchoTool(mutating=False)  # runs at once, no approval
     _install(monkeypatch, tool, every_round=True)
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Echo hello"))
     await _until(communicator, _settled)
     replies = [
@@ -191,7 +186,7 @@ async def test_the_stop_button_ends_the_loop_while_a_call_waits(
     tool = EchoTool(mutating=True)
     _install(monkeypatch, tool, every_round=False)
     conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
-    communicator = await _connect(owner, conversation)
+    communicator = await connected_socket(owner, conversation)
     await communicator.send_to(text_data=_send("Echo hello"))
     await _until(communicator, lambda: ToolStep.objects.filter(state="waiting").exists())
     reply = await Message.objects.aget(role="assistant")
