@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
 import threading
 from dataclasses import dataclass
@@ -230,9 +231,12 @@ _TRACE_DIGITS = 4
 
 
 def _trace_token(entry: dict[str, Any]) -> dict[str, Any]:
+    logprob = float(entry.get("logprob", 0.0))
     out: dict[str, Any] = {
         "token": str(entry.get("token", "")),
-        "logprob": round(float(entry.get("logprob", 0.0)), _TRACE_DIGITS),
+        # A token a grammar forbade has probability 0 (logprob -inf), which JSON cannot hold:
+        # None says "impossible".
+        "logprob": round(logprob, _TRACE_DIGITS) if math.isfinite(logprob) else None,
     }
     # A token that holds part of a UTF-8 character shows as U+FFFD; its bytes join with its
     # neighbours' into the real text, so they are kept (only for such tokens: they are rare).
@@ -252,6 +256,8 @@ def trace_entry(entry: dict[str, Any]) -> dict[str, Any]:
     out["top"] = []
     for i, alt in enumerate(entry.get("top_logprobs") or []):
         top = _trace_token(alt)
+        if top["logprob"] is None:
+            continue  # not an alternative: the grammar forbade it
         if i < len(ids) and isinstance(ids[i], int):
             top["id"] = ids[i]
         out["top"].append(top)
