@@ -62,6 +62,8 @@ PRIORITY_RANK = {"interactive": 0, "batch": 1}
 # However long the decode step took, a prefill chunk may take at least this share of
 # target_latency_ms (or of the decode step, when that is longer), so a prompt always moves.
 MIN_PREFILL_SHARE = 0.5
+# What one prefill step may take while no stream decodes (see _prefill_step).
+IDLE_PREFILL_S = 1.0
 # A prompt's first chunk, before the model's prefill speed is measured: tokens in one step's
 # full budget.
 INITIAL_CHUNK = 16.0
@@ -1536,6 +1538,12 @@ class Engine:
         max_batch_tokens less the decode rows. Each request's chunk follows its measured
         speed (attention makes later chunks of a long prompt slower)."""
         target = self.target_latency_s
+        if rows == 0:
+            # Nobody is streaming, so there is no gap to keep small: chunks may take up to
+            # IDLE_PREFILL_S (a request that arrives meanwhile waits at most that long). Held
+            # to target_latency_ms, a chunk whose forward pass alone costs about that (a loaded
+            # CPU) stayed at a few tokens, and a prompt alone prefilled ~10x slower than raw.
+            target = max(target, IDLE_PREFILL_S)
         budget = max(target - decode_s, max(target, decode_s) * MIN_PREFILL_SHARE)
         tokens_left = max(1, self.max_batch_tokens - rows)
         order = sorted(
