@@ -100,9 +100,13 @@ def grammar_for(params: GenerationParams) -> str | None:
     `tools` for "required"). With tool_choice "auto" and no response format the text is free,
     but a call, once the model opens one, must name one of `tools` with valid arguments.
     """
+    forced = params.forced_tool
+    fmt = params.response_format
+    free = fmt is None or fmt.type == "text"
+    if forced is None and free and not params.uses_tools:
+        return None  # free text: no grammar, and no need of llguidance
     from llguidance import LLMatcher
 
-    forced = params.forced_tool
     try:
         if forced is not None:
             tools = [t for t in params.tools if not forced or t.name == forced]
@@ -111,11 +115,9 @@ def grammar_for(params: GenerationParams) -> str | None:
                 f"{json.dumps(chr(10) + TOOL_CALL_END)}\n"
             ) + _call_rule(tools)
             return LLMatcher.grammar_from_lark(lark)
-        fmt = params.response_format
-        if (fmt is None or fmt.type == "text") and params.uses_tools:
+        if free:
             return LLMatcher.grammar_from_lark(_auto_lark(list(params.tools)))
-        if fmt is None or fmt.type == "text":
-            return None
+        assert fmt is not None
         wanted: dict[str, Any] = (
             {"type": "object"} if fmt.type == "json_object" else dict(fmt.json_schema or {})
         )
