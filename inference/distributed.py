@@ -197,10 +197,23 @@ def _generate(
         sampler=sampler,
         logits_processors=processors,
     )
-    for token, logprobs in steps:
-        go_on = on_token(int(token), logprobs) if on_token is not None else False
-        if not link.decide(go_on):
-            break
+    try:
+        for token, logprobs in steps:
+            go_on = on_token(int(token), logprobs) if on_token is not None else False
+            if not link.decide(go_on):
+                break
+    except RuntimeError as e:
+        # The sharded layers' own all-sums run inside the forward pass: a member that died
+        # shows there as often as in a decision.
+        if _is_link_failure(e):
+            raise GroupBroken(str(e)) from e
+        raise
+
+
+def _is_link_failure(error: BaseException) -> bool:
+    """Whether an MLX error is the group's transport failing (a member gone)."""
+    text = str(error).lower()
+    return "[ring]" in text or "peer" in text or "distributed" in text
 
 
 def follow(link: GroupLink, catalogue: Catalogue, converted_dir: Path) -> int:

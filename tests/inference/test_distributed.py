@@ -298,5 +298,20 @@ def test_a_member_killed_ends_the_reply_interrupted_and_the_group_starts_again(
     with psycopg.connect(db_url) as conn:
         conn.execute("DELETE FROM inference_workerheartbeat")
     _wait_for_the_group(db_url)
-    asyncio.run(chat(site, client, code, "Again", 'class="body md"', max_tokens="8"))
-    assert generation_rows(db_url)[-1][0] == "complete"
+    # (The socket first gets the interrupted reply's final frame: wait for the new one's text.)
+    asyncio.run(chat(site, client, code, "Again", "beforeend:#reply-", max_tokens="8"))
+
+    def replies() -> list[str]:
+        with psycopg.connect(db_url) as conn:
+            rows = conn.execute(
+                "SELECT state FROM inference_generation "
+                "WHERE COALESCE(details->>'priority', '') <> 'batch' ORDER BY id"  # not titles
+            ).fetchall()
+        return [state for (state,) in rows]
+
+    wait_until(
+        lambda: replies() == ["interrupted", "complete"],
+        timeout=120,
+        interval=0.2,
+        what="the new group to answer the next message",
+    )
