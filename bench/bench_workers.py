@@ -42,8 +42,7 @@ from typing import Any  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 import websockets  # noqa: E402
-
-from bench.servers import FormClient, MlxwebServer, stop  # noqa: E402
+from servers import FormClient, MlxwebServer, stop  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/13"
