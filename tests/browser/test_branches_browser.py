@@ -194,3 +194,31 @@ def test_a_long_branch_loads_its_earlier_messages_as_the_reader_scrolls_up(
     expect(articles).to_have_count(140)
     expect(articles.first).to_contain_text("user turn 0")
     expect(page.locator("#earlier-messages")).to_have_count(0)
+
+
+def test_details_show_provenance_and_a_token_fork_makes_a_new_version(
+    page: Page, live_site
+) -> None:
+    page.goto(live_site.url + "/")
+    box = page.locator("#composer textarea[name=text]")
+    box.fill("Name a fruit.")
+    box.press("Enter")
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"), timeout=REPLY_TIMEOUT)
+    _wait_for_reply(page)
+
+    details = _reply(page).locator("details.reply-details")
+    details.locator("summary").click()
+    expect(details.locator("dl.provenance")).to_contain_text("tiny")
+    details.get_by_text("Tokens and alternatives").click()
+    first_token = details.locator(".token-trace a.token").first
+    expect(first_token).to_be_visible()
+    first_token.click()
+    alternatives = details.locator("ol.alternatives li")
+    expect(alternatives.first).to_be_visible()
+    # An alternative the reply did not take: the fork goes on from it as a new version.
+    other = details.locator("ol.alternatives li:not(:has(.badge))").first
+    chosen = other.locator("code.alt-token").inner_text()
+    other.get_by_role("button", name="Continue from here").click()
+    expect(_reply(page).locator(".version-index")).to_have_text("2/2", timeout=REPLY_TIMEOUT)
+    _wait_for_reply(page)
+    assert _reply(page).locator(".body").inner_text().startswith(chosen.strip())
