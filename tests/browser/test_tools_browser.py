@@ -29,7 +29,7 @@ from inference.schemas import ChatMessage
 user = User.objects.get(username="ada")
 conversation = Conversation.objects.create(user=user, model_id="tiny", tools_enabled=True)
 question = "Print six times seven."
-Message.objects.create(conversation=conversation, role="user", content=question)
+asked = Message.objects.create(conversation=conversation, role="user", content=question)
 generation = services.generation_record(
     model_id="tiny",
     messages=[ChatMessage(role="user", content=question)],
@@ -40,7 +40,10 @@ generation = services.generation_record(
 )
 call = {"id": "call_1", "name": "python", "arguments": json.dumps({"code": "print(6 * 7)"})}
 Generation.objects.filter(pk=generation.pk).update(tool_calls=[call])
-Message.objects.create(conversation=conversation, role="assistant", generation=generation)
+reply = Message.objects.create(
+    conversation=conversation, role="assistant", generation=generation, parent=asked
+)
+Conversation.objects.filter(pk=conversation.pk).update(leaf=reply)
 print(conversation.code)
 """
 
