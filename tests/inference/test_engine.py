@@ -18,57 +18,19 @@ from inference.engine import (
     Delta,
     Engine,
     EngineEvent,
-    Finished,
     GenerationRequest,
     Started,
 )
 from inference.schemas import GenerationParams
 from inference.testing import build_tiny_model
 from mlxweb.config import Config, ServerConfig
+from tests.support.engine import Recorder
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 _ids = itertools.count()
-
-
-class Recorder:
-    """One request's events, as the engine thread emits them."""
-
-    def __init__(self, log: list[tuple[str, EngineEvent]] | None = None) -> None:
-        self.events: list[EngineEvent] = []
-        self.done = threading.Event()
-        self.log = log  # shared by several recorders: the order events arrived in
-
-    def __call__(self, event: EngineEvent) -> None:
-        self.events.append(event)
-        if self.log is not None:
-            self.log.append((event.request_id, event))
-        if isinstance(event, Finished):
-            self.done.set()
-
-    def wait(self, timeout: float = 60) -> Recorder:
-        assert self.done.wait(timeout), f"no Finished within {timeout}s: {self.events[-3:]}"
-        return self
-
-    @property
-    def started(self) -> Started | None:
-        return next((e for e in self.events if isinstance(e, Started)), None)
-
-    @property
-    def deltas(self) -> list[Delta]:
-        return [e for e in self.events if isinstance(e, Delta)]
-
-    @property
-    def text(self) -> str:
-        return "".join(d.text for d in self.deltas)
-
-    @property
-    def finished(self) -> Finished:
-        finished = [e for e in self.events if isinstance(e, Finished)]
-        assert len(finished) == 1, self.events
-        return finished[0]
 
 
 def _catalogue(models_dir: Path) -> Catalogue:

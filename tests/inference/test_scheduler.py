@@ -4,7 +4,6 @@ max_batch_tokens, priorities, and the one-stream path against the batch path."""
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,10 @@ from typing import Any
 import pytest
 
 from inference.catalogue import Catalogue
-from inference.engine import Delta, Engine, EngineEvent, Finished, GenerationRequest
+from inference.engine import Delta, Engine, EngineEvent, GenerationRequest
 from inference.schemas import GenerationParams
 from mlxweb.config import Config, ServerConfig
+from tests.support.engine import Recorder
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,37 +23,6 @@ _ids = itertools.count()
 SHORT = [{"role": "user", "content": "Say hi."}]
 # Words the tokenizer keeps as single tokens: about 4 tokens a repeat.
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 120
-
-
-class Recorder:
-    def __init__(self, log: list[tuple[str, EngineEvent]] | None = None) -> None:
-        self.events: list[EngineEvent] = []
-        self.done = threading.Event()
-        self.log = log
-
-    def __call__(self, event: EngineEvent) -> None:
-        self.events.append(event)
-        if self.log is not None:
-            self.log.append((event.request_id, event))
-        if isinstance(event, Finished):
-            self.done.set()
-
-    def wait(self, timeout: float = 90) -> Recorder:
-        assert self.done.wait(timeout), f"no Finished within {timeout}s: {self.events[-3:]}"
-        return self
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def deltas(self) -> int:
-        return sum(1 for e in self.events if isinstance(e, Delta))
-
-    @property
-    def finished(self) -> Finished:
-        (finished,) = [e for e in self.events if isinstance(e, Finished)]
-        return finished
 
 
 class RecordingModel:
@@ -145,7 +114,7 @@ def test_chunks_stay_within_max_batch_tokens(make_engine: Callable[..., Engine])
     slot.loaded.model = recording  # type: ignore[assignment]
     # Two streams decode while the long prompt prefills: its chunks leave room for their rows.
     chats = [ask(engine, SHORT, Recorder(), max_tokens=400) for _ in range(2)]
-    wait_until(lambda: all(c.deltas >= 2 for c in chats), timeout=30, what="two streams")
+    wait_until(lambda: all(len(c.deltas) >= 2 for c in chats), timeout=30, what="two streams")
     long = ask(engine, [{"role": "user", "content": LONG_TEXT}], Recorder(), max_tokens=2)
     long.wait()
     for chat in chats:
@@ -192,7 +161,7 @@ def test_one_stream_and_the_batch_write_the_same_greedy_text(
     # It starts alone, a second request makes it join the batch mid-reply, and once that one
     # ends it goes back to the solo path: the text is the same, token for token.
     moved = ask(engine, story, Recorder(), max_tokens=60)
-    wait_until(lambda: moved.deltas >= 5, timeout=30, what="the first stream's tokens")
+    wait_until(lambda: len(moved.deltas) >= 5, timeout=30, what="the first stream's tokens")
     other = ask(engine, SHORT, Recorder(), max_tokens=10).wait()
     moved.wait()
     assert moved.finished.details["decode_path"].startswith("solo+batch")
@@ -201,7 +170,7 @@ def test_one_stream_and_the_batch_write_the_same_greedy_text(
 
     # In the batch from its first token to its last.
     first = ask(engine, SHORT, Recorder(), max_tokens=200)
-    wait_until(lambda: first.deltas >= 2, timeout=30, what="a stream")
+    wait_until(lambda: len(first.deltas) >= 2, timeout=30, what="a stream")
     batched = ask(engine, story, Recorder(), max_tokens=60).wait()
     engine.cancel(first.finished.request_id if first.done.is_set() else first.events[0].request_id)
     first.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,10 @@ from pydantic import ValidationError
 
 from inference.catalogue import Catalogue
 from inference.config import ModelConfig
-from inference.engine import Delta, Engine, EngineEvent, Finished, GenerationRequest
+from inference.engine import Engine, GenerationRequest
 from inference.schemas import GenerationParams
 from mlxweb.config import Config, ServerConfig
+from tests.support.engine import Recorder
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,30 +97,6 @@ def make_engine(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Engi
     yield make
     for engine in engines:
         engine.stop()
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[EngineEvent] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: EngineEvent) -> None:
-        self.events.append(event)
-        if isinstance(event, Finished):
-            self.done.set()
-
-    def wait(self, timeout: float = 90) -> Recorder:
-        assert self.done.wait(timeout), f"no Finished within {timeout}s: {self.events[-3:]}"
-        return self
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def finished(self) -> Finished:
-        (finished,) = [e for e in self.events if isinstance(e, Finished)]
-        return finished
 
 
 def run(engine: Engine, messages: list[dict[str, Any]], **params: Any) -> Recorder:
