@@ -100,9 +100,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
             spec.replace("name: tiny", "name: tiny2").replace("path: tiny", "path: tiny2")
         )
         site.env["MLXWEB_HEARTBEAT_S"] = "1.5"
-        # One model per worker, so "the worker holding the model" is one worker: with room for
-        # both, a worker that once served the other model (a title, a warm-up) holds both.
-        site.env["MLXWEB_MAX_LOADED_MODELS"] = "1"
         site.env["MLXWEB_ALLOW_SIGNUP"] = "1"  # several users
         site.start("worker-a", "inference_worker", "--preload", "tiny")
         site.start("worker-b", "inference_worker", "--preload", "tiny2")
