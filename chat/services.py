@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from uuid import UUID
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import OperationalError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from chat import presets as chat_presets
@@ -487,25 +486,14 @@ def tool_step_decide(*, conversation: Conversation, step_code: str, decision: st
     return step
 
 
-# Tries of a tool step's claim when the database says its table is locked.
-CLAIM_ATTEMPTS = 8
-
-
 def tool_step_run(*, step: ToolStep) -> ToolStep:
     """Run a queued step (claimed first, so only one caller runs it) and record its result.
     Synchronous and slow: call it off the event loop."""
-    for attempt in range(CLAIM_ATTEMPTS):
-        try:
-            claimed = ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
-                state=ToolStep.State.RUNNING
-            )
-            break
-        except OperationalError as e:
-            # SQLite answers a write that meets another connection's lock on the table with
-            # "table is locked" at once (shared-cache databases): try again shortly.
-            if "locked" not in str(e) or attempt == CLAIM_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    claimed = inference.write_retrying_locks(
+        lambda: ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
+            state=ToolStep.State.RUNNING
+        )
+    )
     step.refresh_from_db()
     if not claimed:
         return step

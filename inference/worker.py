@@ -30,10 +30,9 @@ from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import OperationalError
 
 from inference import cluster, metrics
-from inference.models import Generation, WorkerHeartbeat
+from inference.models import Generation, WorkerHeartbeat, write_retrying_locks
 from inference.parsing import OutputFormat, OutputSplitter
 from inference.schemas import GenerationParams
 
@@ -183,30 +182,16 @@ class _Stream:
 # --- database side (sync, run in Django's thread pool) -------------------------------------
 
 
-# Tries of the claim of a queued row when the database says its table is locked.
-CLAIM_ATTEMPTS = 8
-
-
 @database_sync_to_async
 def _load_queued(code: str) -> tuple[Generation, list[dict[str, Any]]] | None:
     """The queued row and its prompt (one query for the row, one for the whole prompt), once
     this worker has claimed it: a row routed to another worker, or already started, is not
     taken (a start that reached two workers runs once)."""
-    for attempt in range(CLAIM_ATTEMPTS):
-        try:
-            claimed = (
-                Generation.objects.filter(code=code, state=Generation.State.QUEUED)
-                .filter(worker_id__in=("", WORKER_ID))
-                .update(worker_id=WORKER_ID)
-            )
-            break
-        except OperationalError as e:
-            # SQLite answers a write that meets another connection's lock on the table with
-            # "table is locked" at once, without waiting (shared-cache databases, the tests'
-            # in-memory one); the start must not be lost for it.
-            if "locked" not in str(e) or attempt == CLAIM_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    claimed = write_retrying_locks(
+        lambda: Generation.objects.filter(code=code, state=Generation.State.QUEUED)
+        .filter(worker_id__in=("", WORKER_ID))
+        .update(worker_id=WORKER_ID)
+    )
     if not claimed:
         return None
     generation = Generation.objects.filter(code=code, state=Generation.State.QUEUED).first()
