@@ -81,10 +81,12 @@ def test_a_link_to_an_early_message_shows_it(owner_client: Client, long_chat) ->
 
 
 def test_earlier_messages_are_the_owners_and_checked(
-    owner_client: Client, stranger_client: Client, long_chat
+    owner_client: Client, stranger_client: Client, client: Client, long_chat
 ) -> None:
     conversation, codes = long_chat
     url = reverse("chat:earlier", args=[conversation.code])
+    anonymous = client.get(f"{url}?before={codes[80]}")
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/login/")
     assert stranger_client.get(f"{url}?before={codes[80]}").status_code == 404
     assert owner_client.get(f"{url}?before=not-a-code").status_code == 400
     assert owner_client.get(url).status_code == 400
