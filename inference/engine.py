@@ -70,6 +70,10 @@ INITIAL_CHUNK = 16.0
 # Chunks that start before this offset teach the model's starting chunk size (attention makes
 # later ones dearer).
 SHORT_OFFSET = 256
+# Prompts at the same offset prefill together, one forward pass for up to this many (mlx-lm's
+# own batched prefill takes 8), each row getting at least MIN_ROW_TOKENS of the step's tokens.
+PREFILL_ROWS = 8
+MIN_ROW_TOKENS = 16
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # Every this many speculative steps, one step runs without the draft to measure the plain
@@ -332,6 +336,7 @@ class _Active:
     batch_tokens: int = 0  # tokens the generator gave since it took the request
     plain: bool = False  # no logits processors, no seed: may move from the batch to solo
     prefill_chunks: int = 0
+    prefill_rows: int = 1  # the most prompts it prefilled together with (itself included)
     spec_steps: int = 0  # with and without the draft
     spec_rounds: int = 0  # with it
     spec_drafted: int = 0
@@ -1555,38 +1560,64 @@ class Engine:
             ),
         )
         spent = 0.0
+        done: set[int] = set()
         for active in order:
             left = budget - spent
             if spent > 0 and (left <= budget * 0.1 or tokens_left <= 0):
                 break
             seq = active.seq
-            if seq is None or active.finished:
+            if seq is None or active.finished or id(active) in done:
                 continue
-            n = int(seq.chunk * min(left, budget) / budget)
-            n = max(1, min(n, tokens_left, self.prefill_step_size, len(seq.rest)))
+            tokens = int(seq.chunk * min(left, budget) / budget)
+            tokens = max(1, min(tokens, tokens_left))
+            # The prompts at this one's offset go through the model with it, as rows of one
+            # batch (a forward pass of 8 short rows costs little more than one on a GPU).
+            group = [active]
+            if _may_prefill_together(seq):
+                group += [
+                    other
+                    for other in order
+                    if other is not active
+                    and id(other) not in done
+                    and not other.finished
+                    and other.seq is not None
+                    and len(other.seq.fed) == len(seq.fed)
+                    and _may_prefill_together(other.seq)
+                ]
+                group = group[: max(1, min(PREFILL_ROWS, tokens // MIN_ROW_TOKENS))]
+            done.update(id(a) for a in group)
+            seqs = [a.seq for a in group if a.seq is not None]
+            n = max(1, min(tokens // len(group), self.prefill_step_size))
+            n = min([n] + [len(s.rest) for s in seqs])
             began = time.perf_counter()
             try:
-                self._prefill_chunk(slot, active, n)
+                if len(group) == 1:
+                    self._prefill_chunk(slot, active, n)
+                else:
+                    self._prefill_rows(slot, group, n)
             except Exception as e:
                 logger.exception("request %s: prefill failed", active.request.id)
-                self._finish(active, "error", error=f"prefill failed: {_describe(e)}")
+                for failed in group:
+                    self._finish(failed, "error", error=f"prefill failed: {_describe(e)}")
                 continue
             elapsed = max(time.perf_counter() - began, 1e-6)
             spent += elapsed
-            tokens_left -= n
-            # n tokens took `elapsed`: move the chunk towards what fits the budget, by the
-            # square root of the ratio (one step slowed by something else must not halve it),
-            # at most 1.4x either way (a forward pass has a fixed cost, and attention makes
-            # tokens dearer as the prompt grows), and one token more whenever it fitted, so a
-            # chunk that costs little more than its fixed part still grows.
-            ratio = min(max((n * budget / elapsed) / seq.chunk, 0.5), 2.0)
+            tokens_left -= n * len(group)
+            # n tokens a row took `elapsed`: move the chunk towards what fits the budget, by
+            # the square root of the ratio (one step slowed by something else must not halve
+            # it), at most 1.4x either way (a forward pass has a fixed cost, and attention
+            # makes tokens dearer as the prompt grows), and one token more whenever it fitted,
+            # so a chunk that costs little more than its fixed part still grows.
+            ratio = min(max((n * len(group) * budget / elapsed) / seq.chunk, 0.5), 2.0)
             chunk = seq.chunk * ratio**0.5
             if elapsed < min(left, budget):
                 chunk = max(chunk, seq.chunk + 1.0)
-            seq.chunk = max(1.0, chunk)
+            for s in seqs:
+                s.chunk = max(1.0, chunk)
             logger.debug(
-                "request %s: chunk of %d at %d in %.0f ms (budget %.0f ms, decode %.0f ms)",
+                "request %s: chunk of %d x %d at %d in %.0f ms (budget %.0f ms, decode %.0f ms)",
                 active.request.id,
+                len(group),
                 n,
                 len(seq.fed) - n,
                 elapsed * 1000,
@@ -1596,6 +1627,54 @@ class Engine:
             if len(seq.fed) - n < SHORT_OFFSET:
                 # Where a new prompt starts: what it learned is where the next one begins.
                 slot.chunk = seq.chunk
+
+    def _prefill_rows(self, slot: _Slot, rows: list[_Active], n: int) -> None:
+        """Run the next `n` prompt tokens of several requests whose caches hold the same number
+        of tokens through the model in one batch, then give each its own cache back; a row
+        whose prompt ends here samples and emits its first token."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
+
+        seqs = [a.seq for a in rows]
+        assert all(s is not None for s in seqs)
+        offset = len(seqs[0].fed)  # type: ignore[union-attr]
+        batched: list[Any] = []
+        for i in range(len(seqs[0].cache)):  # type: ignore[union-attr]
+            layer = KVCache()
+            if offset:
+                layer.keys = mx.concatenate([s.cache[i].state[0] for s in seqs], axis=0)  # type: ignore[union-attr]
+                layer.values = mx.concatenate([s.cache[i].state[1] for s in seqs], axis=0)  # type: ignore[union-attr]
+                layer.offset = offset
+            batched.append(layer)
+        pieces = [s.rest[:n] for s in seqs]  # type: ignore[union-attr]
+        sampled: dict[int, tuple[Any, Any]] = {}
+        with self._on_stream():
+            logits = slot.loaded.model(mx.array(pieces, dtype=mx.uint32), cache=batched)
+            for j, (seq, piece) in enumerate(zip(seqs, pieces, strict=True)):
+                assert seq is not None
+                if n == len(seq.rest):
+                    sampled[j] = self._sample(seq, logits[j : j + 1, -1, :], seq.fed + piece)
+                own = []
+                for layer in batched:
+                    row = KVCache()
+                    row.keys = layer.keys[j : j + 1, :, : offset + n, :]
+                    row.values = layer.values[j : j + 1, :, : offset + n, :]
+                    row.offset = offset + n
+                    own.append(row)
+                seq.cache = own
+            mx.eval([c.state for s in seqs for c in s.cache] + list(sampled.values()))  # type: ignore[union-attr]
+        for j, (active, seq, piece) in enumerate(zip(rows, seqs, pieces, strict=True)):
+            assert seq is not None
+            active.prefill_chunks += 1
+            active.prefill_rows = max(active.prefill_rows, len(rows))
+            seq.fed.extend(piece)
+            seq.rest = seq.rest[n:]
+            if j in sampled:
+                token, logprobs = sampled[j]
+                first = int(token.item())
+                seq.rest = [first]
+                seq.prefilled = True
+                self._emit_token(active, first, logprobs)
 
     def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
         """Run `n` prompt tokens through the model on the request's own cache; the last
@@ -1778,6 +1857,7 @@ class Engine:
         details: dict[str, Any] = {
             "decode_path": "+".join(active.paths),
             "prefill_chunks": active.prefill_chunks,
+            "prefill_rows": active.prefill_rows,
         }
         if active.spec_drafted:
             slot = active.slot
@@ -2126,6 +2206,14 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _may_prefill_together(seq: _Seq) -> bool:
+    """Whether a prompt may prefill as a row of a batch: plain KV caches (no rotating,
+    quantized or recurrent layers, whose states do not stack) and no draft to keep in step."""
+    from mlx_lm.models.cache import KVCache
+
+    return seq.draft_cache is None and all(type(c) is KVCache for c in seq.cache)
 
 
 def _keep_alive_or_none(seconds: float | None) -> float | None:

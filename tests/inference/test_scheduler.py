@@ -195,3 +195,55 @@ def test_a_solo_stream_keeps_its_logprobs_and_stop_strings(
     entries = [x for e in scored.events if isinstance(e, Delta) for x in (e.logprobs or [])]
     assert len(entries) == 12
     assert all(len(x["top_logprobs"]) == 2 and x["logprob"] <= 0 for x in entries)
+
+
+class RecordingRows(RecordingModel):
+    """The model, recording the shape of every call: (rows, tokens)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.shapes: list[tuple[int, int]] = []
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        self.shapes.append((int(inputs.shape[0]), int(inputs.shape[1])))
+        return super().__call__(inputs, *args, **kwargs)
+
+
+def test_prompts_that_wait_together_prefill_as_rows_of_one_batch(
+    make_engine: Callable[..., Engine],
+) -> None:
+    questions = [
+        "Tell me a story.",
+        "What is the capital of France? Answer in one word, please.",
+        "Name three colours.",
+        "Why is the sky blue at noon but red in the evening? " * 3,
+    ]
+    engine = make_engine(max_batch_tokens=64)
+    engine.load("tiny")
+    slot = engine._slots["tiny"]
+    recording = RecordingRows(slot.loaded.model)
+    slot.loaded.model = recording  # type: ignore[assignment]
+    # One at a time: each prefills alone (and the engine learns its prefill speed).
+    alone = [
+        ask(engine, [{"role": "user", "content": q}], Recorder(), max_tokens=12).wait()
+        for q in questions
+    ]
+    assert all(r.finished.details["prefill_rows"] == 1 for r in alone)
+    assert all(rows == 1 for rows, _ in recording.shapes)
+
+    # Sent together, they wait for the same step: new prompts at offset 0, prefilled as rows of
+    # one forward pass; the shorter ones leave the batch as their prompts end.
+    recorders = [Recorder() for _ in questions]
+    for question, recorder in zip(questions, recorders, strict=True):
+        ask(engine, [{"role": "user", "content": question}], recorder, max_tokens=12)
+    together = [r.wait() for r in recorders]
+    assert max(r.finished.details["prefill_rows"] for r in together) >= 2
+    assert max(rows for rows, width in recording.shapes if width > 1) >= 2
+    # Rows counted, no call went past the step's token bound.
+    assert max(rows * width for rows, width in recording.shapes) <= 64
+    # Each prompt's rows gave it the same cache as its prefill alone: the same greedy text,
+    # token for token, and the prompt counted once.
+    for one, other in zip(alone, together, strict=True):
+        assert other.text == one.text
+        assert other.finished.prompt_tokens == one.finished.prompt_tokens
+        assert other.finished.finish_reason == one.finished.finish_reason
