@@ -38,6 +38,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.django_db)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that ran a live site (tests.support.live.Site) reports the end of each of
+    its processes' logs: what the server did is otherwise lost with its temporary folder."""
+    report = yield
+    if report.failed:
+        from tests.support.live import Site
+
+        funcargs = getattr(item, "funcargs", {})
+        for name, value in funcargs.items():
+            sites = value if isinstance(value, (list, tuple)) else [value]
+            for site in sites:
+                if not isinstance(site, Site):
+                    continue
+                for log in sorted(site.log_dir.glob("*.log")):
+                    tail = log.read_text(errors="replace")[-6000:]
+                    report.sections.append((f"{name}: {log.name} (its end)", tail))
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kv_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the in-process worker persists KV caches during the tests: a folder of the
