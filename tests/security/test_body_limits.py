@@ -14,6 +14,8 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.asgi import get_asgi_application
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.test import Client
 from django.urls import reverse
 
@@ -102,7 +104,15 @@ def _send_body(
     async def send(message: dict[str, Any]) -> None:
         exchange.messages.append(message)
 
-    async_to_sync(app)(scope, receive, send)
+    # As Django's test client does: a request's end must not close the test's connection (the
+    # test database is a file, whose connection holds the test's transaction).
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        async_to_sync(app)(scope, receive, send)
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
     return exchange
 
 
