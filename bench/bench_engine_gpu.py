@@ -1219,6 +1219,9 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
             s = model.systems.get(key)
             if s is None:
                 continue
+            parts = _ttft_parts(s)
+            if parts:
+                lines.append(f"- {labels[key]}: {parts}")
             if s.early_endings():
                 lines.append(
                     f"- {labels[key]}: {s.early_endings()} request(s) ended before "
@@ -1230,6 +1233,35 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
                 lines.append(f"- {labels[key]}: ERROR {s.error}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ttft_parts(s: SystemResult) -> str:
+    """Where the engine's time to first token went (medians of its Finished.details): alone,
+    and at each N the prompts' prefill rows."""
+    alone = [r.details["ttft_ms"] for r in s.single if "ttft_ms" in r.details]
+    said = []
+    if alone:
+        said.append(
+            "TTFT alone = "
+            + " + ".join(
+                f"{part} {statistics.median(t[part] for t in alone):.1f}"
+                for part in ("wait", "admit", "prefill")
+            )
+            + " ms (wait, template and cache lookup, prefill in "
+            + f"{statistics.median(r.details.get('prefill_chunks', 0) for r in s.single):.0f}"
+            + " chunks)"
+        )
+    for n, runs in sorted(s.batches.items()):
+        streams = [x for run in runs for x in run.streams if "ttft_ms" in x.details]
+        if streams:
+            said.append(
+                f"at {n}: prefill rows median "
+                f"{statistics.median(x.details.get('prefill_rows', 1) for x in streams):.0f}, "
+                f"wait {statistics.median(x.details['ttft_ms']['wait'] for x in streams):.0f} ms, "
+                f"prefill {statistics.median(x.details['ttft_ms']['prefill'] for x in streams):.0f}"
+                " ms"
+            )
+    return "; ".join(said)
 
 
 def _to_json(results: list[ModelResult], facts: dict[str, Any]) -> str:

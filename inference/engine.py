@@ -190,6 +190,7 @@ EmbeddingReply = Callable[[EmbeddingResult], None]
 class _Submit:
     request: GenerationRequest
     emit: Emit
+    at: float = field(default_factory=time.perf_counter)  # when it was submitted
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,10 @@ class _Active:
     plain: bool = False  # no logits processors, no seed: may move from the batch to solo
     prefill_chunks: int = 0
     prefill_rows: int = 1  # the most prompts it prefilled together with (itself included)
+    # Where the time to the first token went: waiting for admission (its model loading, the
+    # engine busy with a step), the template and cache lookup, then its prefill.
+    submitted_at: float = 0.0
+    admitted_at: float = 0.0
     spec_steps: int = 0  # with and without the draft
     spec_rounds: int = 0  # with it
     spec_drafted: int = 0
@@ -1124,6 +1129,7 @@ class Engine:
 
     def _admit(self, slot: _Slot, submit: _Submit) -> None:
         request, params = submit.request, submit.request.params
+        admitted_at = time.perf_counter()
         try:
             prompt, trimmed, max_tokens = self._prompt(slot, request)
             processors = self._processors(slot, params)
@@ -1162,6 +1168,8 @@ class Engine:
             cache_source=cache_source,
             seq=seq,
             plain=plain,
+            submitted_at=submit.at,
+            admitted_at=admitted_at,
         )
         slot.active[uid] = active
         slot.prefilling.append(active)
@@ -1859,6 +1867,13 @@ class Engine:
             "prefill_chunks": active.prefill_chunks,
             "prefill_rows": active.prefill_rows,
         }
+        if active.first_token_at and active.submitted_at:
+            # started_at: when _admit had the prompt and its cache.
+            details["ttft_ms"] = {
+                "wait": round((active.admitted_at - active.submitted_at) * 1000, 2),
+                "admit": round((active.started_at - active.admitted_at) * 1000, 2),
+                "prefill": round((active.first_token_at - active.started_at) * 1000, 2),
+            }
         if active.spec_drafted:
             slot = active.slot
             per_token = active.spec_s / active.spec_tokens if active.spec_tokens else 0.0
