@@ -1650,8 +1650,10 @@ class Engine:
         for i in range(len(seqs[0].cache)):  # type: ignore[union-attr]
             layer = KVCache()
             if offset:
-                layer.keys = mx.concatenate([s.cache[i].state[0] for s in seqs], axis=0)  # type: ignore[union-attr]
-                layer.values = mx.concatenate([s.cache[i].state[1] for s in seqs], axis=0)  # type: ignore[union-attr]
+                # A layer's arrays may be longer than its tokens (grown in steps, or trimmed).
+                own = [s.cache[i] for s in seqs]  # type: ignore[union-attr]
+                layer.keys = mx.concatenate([c.keys[..., :offset, :] for c in own], axis=0)
+                layer.values = mx.concatenate([c.values[..., :offset, :] for c in own], axis=0)
                 layer.offset = offset
             batched.append(layer)
         pieces = [s.rest[:n] for s in seqs]  # type: ignore[union-attr]
@@ -1662,15 +1664,15 @@ class Engine:
                 assert seq is not None
                 if n == len(seq.rest):
                     sampled[j] = self._sample(seq, logits[j : j + 1, -1, :], seq.fed + piece)
-                own = []
+                rows_cache = []
                 for layer in batched:
                     row = KVCache()
                     row.keys = layer.keys[j : j + 1, :, : offset + n, :]
                     row.values = layer.values[j : j + 1, :, : offset + n, :]
                     row.offset = offset + n
-                    own.append(row)
-                seq.cache = own
-            mx.eval([c.state for s in seqs for c in s.cache] + list(sampled.values()))  # type: ignore[union-attr]
+                    rows_cache.append(row)
+                seq.cache = rows_cache
+            mx.eval([(c.keys, c.values) for s in seqs for c in s.cache] + list(sampled.values()))  # type: ignore[union-attr]
         for j, (active, seq, piece) in enumerate(zip(rows, seqs, pieces, strict=True)):
             assert seq is not None
             active.prefill_chunks += 1

@@ -247,3 +247,32 @@ def test_prompts_that_wait_together_prefill_as_rows_of_one_batch(
         assert other.text == one.text
         assert other.finished.prompt_tokens == one.finished.prompt_tokens
         assert other.finished.finish_reason == one.finished.finish_reason
+
+
+def test_prompts_that_share_a_cached_prefix_prefill_their_rest_together(
+    make_engine: Callable[..., Engine],
+) -> None:
+    # A kept cache's arrays are longer than its tokens (trimmed to the shared prefix): each
+    # row's part is cut to its tokens before the rows stack.
+    engines = [make_engine(prompt_cache_entries=16, max_batch_tokens=256) for _ in range(2)]
+    system = {"role": "system", "content": "You are a helpful assistant. " * 40}
+
+    def chat(question: str) -> list[dict[str, Any]]:
+        return [system, {"role": "user", "content": question}]
+
+    questions = [f"Question {i}: " + "why is that so " * (i + 1) for i in range(4)]
+    # Each engine keeps the system prompt from a first question; then the questions go to one
+    # engine one at a time and to the other together: each hits the kept prefix.
+    for engine in engines:
+        ask(engine, chat("A first question."), Recorder()).wait()
+    alone = [ask(engines[0], chat(q), Recorder()).wait() for q in questions]
+    together = [Recorder() for _ in questions]
+    for question, recorder in zip(questions, together, strict=True):
+        ask(engines[1], chat(question), recorder)
+    for recorder in together:
+        recorder.wait()
+    assert all(r.finished.prompt_cache == "memory" for r in alone + together)
+    assert max(r.finished.details["prefill_rows"] for r in together) >= 2
+    for one, other in zip(alone, together, strict=True):
+        assert other.finished.finish_reason == one.finished.finish_reason == "max_tokens"
+        assert other.text == one.text
