@@ -75,10 +75,10 @@ def engine_sections(model_dir: Path, streams: int, repeats: int, words: int) -> 
     import collections
 
     import mlx.core as mx
+    from bench_engine_gpu import _messages, _nonces
 
     import inference.engine as engine_module
     import inference.kvcache as kvcache
-    from bench.bench_engine_gpu import _messages, _nonces
     from inference.catalogue import Catalogue, model_id_for_dir
     from inference.engine import Engine, Finished, GenerationRequest
     from inference.schemas import GenerationParams
