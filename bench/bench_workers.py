@@ -37,12 +37,15 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any  # noqa: E402
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 import websockets  # noqa: E402
 from servers import FormClient, MlxwebServer, stop  # noqa: E402
+
+from inference.registry import RedisRegistry  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -85,13 +88,11 @@ class Deployment:
         """The ids of `count` live workers that have the model loaded."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rows = self.rows(
-                "SELECT worker_id FROM inference_workerheartbeat"
-                " WHERE jsonb_array_length(loaded) > 0"
-                " AND updated_at > now() - interval '10 seconds'"
-            )
-            if len(rows) >= count:
-                return [str(r[0]) for r in rows]
+            recent = datetime.now(UTC) - timedelta(seconds=10)
+            beats = RedisRegistry(REDIS_URL, ttl_s=60).beats()
+            ids = [b.worker_id for b in beats if b.loaded and b.updated_at > recent]
+            if len(ids) >= count:
+                return ids
             time.sleep(0.2)
         raise RuntimeError(f"{count} workers did not load the model within {timeout} s")
 

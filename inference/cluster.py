@@ -1,9 +1,8 @@
 """Many inference workers on one channel layer: registry, routing, failover and hand-over.
 
-The registry is the `WorkerHeartbeat` table, not Redis keys: every web process already reads
-those rows (status pages, /health, the APIs), they live in the database every process shares,
-and a row per worker written every `HEARTBEAT_S` is what a Redis key with a TTL would be,
-without a second source of truth. Each worker's row names its own channel on the channel layer
+The registry (`inference.registry`) holds each worker's heartbeat: in Redis when the site runs
+on Redis (a key per worker with a time-to-live, and the ids by their last beat), else in the
+`WorkerHeartbeat` table. Each worker's beat names its own channel on the channel layer
 (`worker_channel`), which it listens on beside the shared `inference` channel; the messages for
 one reply (stop, sync) go to the channel of the worker that owns it (`Generation.worker_id`).
 
@@ -13,7 +12,8 @@ one reply (stop, sync) go to the channel of the worker that owns it (`Generation
   exact at once, where a heartbeat lags by up to `HEARTBEAT_S`. With no worker registered the
   shared channel takes it (one worker, in-process mode, workers of old).
 - Failover (`reap_dead_workers`): a worker whose heartbeat is older than `DEAD_AFTER_S` is
-  declared dead by whoever notices first (claimed by deleting its row, so only one does): its
+  declared dead by whoever notices first (claimed by removing it from the registry, atomically,
+  so only one does): its
   queued replies are routed again, its streaming ones are marked interrupted with their text and
   continued on a live worker (`resume`), unless the user had asked to stop them.
 - Hand-over (`hand_over_reply`): a draining worker does the same for its own replies.
@@ -41,7 +41,8 @@ from django.db.models import Count, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
-from inference.models import Generation, WorkerHeartbeat
+from inference.models import Generation
+from inference.registry import Beat, registry
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ class WorkerInfo:
         return model_id in self.models or not self.exclusive
 
 
-def _info(beat: WorkerHeartbeat, now: datetime, active: dict[str, int]) -> WorkerInfo:
-    loaded = [entry for entry in beat.loaded or [] if isinstance(entry, dict)]
+def _info(beat: Beat, now: datetime, active: dict[str, int]) -> WorkerInfo:
+    loaded = beat.loaded
     return WorkerInfo(
         worker_id=beat.worker_id,
         channel=beat.channel_name,
@@ -133,7 +134,7 @@ def workers() -> list[WorkerInfo]:
         .annotate(n=Count("id"))
     )
     active = {row["worker_id"]: row["n"] for row in rows}
-    return [_info(b, now, active) for b in WorkerHeartbeat.objects.order_by("worker_id")]
+    return [_info(b, now, active) for b in registry().beats()]
 
 
 def live_workers(*, exclude: Collection[str] = ()) -> list[WorkerInfo]:
@@ -216,13 +217,9 @@ def owner_channel(worker_id: str) -> str:
     """The channel of the worker that owns a reply; the shared channel when it has none (a
     row from before routing, or its worker's row is gone)."""
     if worker_id:
-        channel = (
-            WorkerHeartbeat.objects.filter(worker_id=worker_id)
-            .values_list("channel_name", flat=True)
-            .first()
-        )
-        if channel:
-            return channel
+        beat = registry().get(worker_id)
+        if beat is not None and beat.channel_name:
+            return beat.channel_name
     return str(settings.INFERENCE_CHANNEL)
 
 
@@ -237,7 +234,7 @@ def is_dead(worker_id: str) -> bool:
     """Whether a reply's worker is gone: its row lapsed or was removed."""
     if not worker_id:
         return False
-    beat = WorkerHeartbeat.objects.filter(worker_id=worker_id).first()
+    beat = registry().get(worker_id)
     if beat is None:
         return True
     return (timezone.now() - beat.updated_at).total_seconds() >= DEAD_AFTER_S
@@ -348,16 +345,14 @@ def reap_dead_workers(*, me: str = "") -> int:
     worker as it starts, and by web processes when a reply's owner looks gone."""
     cutoff = timezone.now() - timedelta(seconds=DEAD_AFTER_S)
     handled = 0
-    lapsed = WorkerHeartbeat.objects.filter(updated_at__lt=cutoff).exclude(worker_id=me)
-    for worker_id in list(lapsed.values_list("worker_id", flat=True)):
-        claimed, _ = WorkerHeartbeat.objects.filter(
-            worker_id=worker_id, updated_at__lt=cutoff
-        ).delete()
-        if not claimed:
+    workers = registry()
+    lapsed = [b.worker_id for b in workers.beats() if b.updated_at < cutoff and b.worker_id != me]
+    for worker_id in lapsed:
+        if not workers.claim_lapsed(worker_id, cutoff):
             continue  # another process claimed it, or it came back
         logger.warning("inference worker %s missed its heartbeats: declared dead", worker_id)
         handled += take_over(worker_id)
-    known = WorkerHeartbeat.objects.values_list("worker_id", flat=True)
+    known = [b.worker_id for b in workers.beats()]
     orphans = (
         Generation.objects.active()
         .filter(created_at__lt=cutoff)

@@ -29,6 +29,7 @@ from inference.models import Generation, PromptMessage
 
 # For chat, which reaches inference through services.
 from inference.models import write_retrying_locks as write_retrying_locks
+from inference.registry import Beat as Beat
 from inference.schemas import ChatMessage, GenerationParams
 from inference.weights import convert as _convert
 from inference.weights import evaluation as _evaluation
@@ -619,14 +620,20 @@ class WorkerStatus:
     updated_at: datetime | None = None
 
 
+def worker_beats() -> list[Beat]:
+    """Every registered inference worker's last heartbeat (inference.registry), newest first."""
+    from inference.registry import registry
+
+    return sorted(registry().beats(), key=lambda b: b.updated_at, reverse=True)
+
+
 def worker_status() -> WorkerStatus:
     """The latest heartbeat of the inference worker (alive if younger than WORKER_ALIVE_S)."""
     from django.utils import timezone
     from django.utils.dateparse import parse_datetime
 
-    from inference.models import WorkerHeartbeat
-
-    beat = WorkerHeartbeat.objects.order_by("-updated_at").first()
+    beats = worker_beats()
+    beat = beats[0] if beats else None
     if beat is None:
         return WorkerStatus(alive=False)
     age = (timezone.now() - beat.updated_at).total_seconds()

@@ -32,8 +32,9 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from inference import cluster, metrics
-from inference.models import Generation, WorkerHeartbeat, write_retrying_locks
+from inference.models import Generation, write_retrying_locks
 from inference.parsing import OutputFormat, OutputSplitter
+from inference.registry import Beat, registry
 from inference.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -205,23 +206,24 @@ def _write_heartbeat(
     loaded: list[dict[str, Any]],
     queued: int,
     streaming: int,
-    memory: dict[str, Any] | None = None,
+    memory: dict[str, Any],
     draining: bool = False,
 ) -> bool:
-    """Write the row; True when it had to be made (first beat, or it was declared dead)."""
-    defaults: dict[str, Any] = {
-        "updated_at": _now(),
-        "loaded": loaded,
-        "queued": queued,
-        "streaming": streaming,
-        "channel_name": WORKER_CHANNEL,
-        "draining": draining,
-    }
-    if memory is not None:
-        defaults["budget_bytes"] = int(memory["budget_bytes"])
-        defaults["used_bytes"] = int(memory["used_bytes"])
-    _, created = WorkerHeartbeat.objects.update_or_create(worker_id=WORKER_ID, defaults=defaults)
-    return bool(created)
+    """Register this worker's beat (inference.registry); True when it had to be made (first
+    beat, or it was declared dead)."""
+    return registry().beat(
+        Beat(
+            worker_id=WORKER_ID,
+            updated_at=_now(),
+            loaded=loaded,
+            queued=queued,
+            streaming=streaming,
+            channel_name=WORKER_CHANNEL,
+            budget_bytes=int(memory["budget_bytes"]),
+            used_bytes=int(memory["used_bytes"]),
+            draining=draining,
+        )
+    )
 
 
 @database_sync_to_async

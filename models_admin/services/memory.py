@@ -82,11 +82,11 @@ def memory_overview() -> MemoryOverview:
     beats), newest first, and the jobs in this machine's reservation table."""
     from inference.cluster import DEAD_AFTER_S
     from inference.memory import ReservationTable, configured_budget, configured_table_path
-    from inference.models import WorkerHeartbeat
+    from inference.services import worker_beats
 
     since = timezone.now() - timedelta(seconds=DEAD_AFTER_S)
     workers = []
-    for beat in WorkerHeartbeat.objects.filter(updated_at__gte=since).order_by("-updated_at"):
+    for beat in [b for b in worker_beats() if b.updated_at >= since]:
         loaded = [
             LoadedModelRow(
                 model_id=str(info.get("model_id", "")),

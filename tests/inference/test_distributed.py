@@ -21,7 +21,14 @@ from inference.schemas import GenerationParams
 from mlxweb.config import Config, ServerConfig
 from tests.inference.test_engine import QUESTION, Recorder
 from tests.support.live import Site, free_port
-from tests.support.scaleout import chat, generation_rows, scaled_site, sign_up_and_open_chat
+from tests.support.scaleout import (
+    chat,
+    forget_workers,
+    generation_rows,
+    registered_workers,
+    scaled_site,
+    sign_up_and_open_chat,
+)
 from tests.support.waiting import wait_until
 
 MEMBER_MODULE = "inference.distributed"
@@ -210,9 +217,8 @@ def _wait_for_the_group(db_url: str) -> None:
     """Until the group's heartbeat says it serves the tiny model."""
 
     def serving() -> bool:
-        with psycopg.connect(db_url) as conn:
-            rows = conn.execute("SELECT loaded FROM inference_workerheartbeat").fetchall()
-        return any(m.get("model_id") == "tiny" for (loaded,) in rows for m in loaded)
+        beats = registered_workers()
+        return any(m.get("model_id") == "tiny" for beat in beats for m in beat.loaded)
 
     wait_until(serving, timeout=180, interval=0.2, what="the group to serve the model")
 
@@ -295,8 +301,7 @@ def test_a_member_killed_ends_the_reply_interrupted_and_the_group_starts_again(
         interval=0.2,
         what="a new group",
     )
-    with psycopg.connect(db_url) as conn:
-        conn.execute("DELETE FROM inference_workerheartbeat")
+    forget_workers()
     _wait_for_the_group(db_url)
     # (The socket first gets the interrupted reply's final frame: wait for the new one's text.)
     asyncio.run(chat(site, client, code, "Again", "beforeend:#reply-", max_tokens="8"))

@@ -1,6 +1,7 @@
 """inference.cluster on its own: routing by model and load, failover of a dead worker's replies
 (once, however many processes notice), and `mlxweb status` listing every worker. The rows are
-real (the test database); the channel layer is the in-memory one."""
+real (the test database), and so is the registry: each test runs with the `WorkerHeartbeat`
+table (no Redis) and with Redis on loopback; the channel layer is the in-memory one."""
 
 from __future__ import annotations
 
@@ -15,12 +16,36 @@ from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from inference import cluster, services
-from inference.models import Generation, WorkerHeartbeat
+from inference.models import Generation
+from inference.registry import Beat, RedisRegistry, registry
 from inference.schemas import ChatMessage, GenerationParams
 from tests.cli.conftest import cli  # noqa: F401, F811  (the fixture: `mlxweb ARGS` here)
 
 MODEL = "smollm2-135m-instruct"
 GB = 2**30
+
+
+REGISTRY_REDIS = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture(autouse=True, params=["table", "redis"])
+def backend(request: pytest.FixtureRequest, settings: Any) -> str:
+    """Where the workers register: the table (REDIS_URL unset) or Redis."""
+    if request.param == "redis":
+        import redis
+
+        try:
+            redis.Redis.from_url(REGISTRY_REDIS).flushdb()
+        except redis.ConnectionError as e:
+            pytest.fail(f"the scale-out tests need Redis on 127.0.0.1:6379 ({e})")
+        settings.REDIS_URL = REGISTRY_REDIS
+    else:
+        settings.REDIS_URL = ""
+    return str(request.param)
+
+
+def registered(worker_id: str) -> bool:
+    return registry().get(worker_id) is not None
 
 
 @pytest.fixture
@@ -35,11 +60,11 @@ def beat(
     age: float = 0.0,
     draining: bool = False,
     exclusive: bool = False,
-) -> WorkerHeartbeat:
+) -> Beat:
     loaded = [
         {"model_id": m, "bytes": GB, **({"exclusive": True} if exclusive else {})} for m in models
     ]
-    return WorkerHeartbeat.objects.create(
+    written = Beat(
         worker_id=worker_id,
         updated_at=timezone.now() - timedelta(seconds=age),
         loaded=loaded,
@@ -48,6 +73,8 @@ def beat(
         used_bytes=8 * GB - free,
         draining=draining,
     )
+    registry().beat(written)
+    return written
 
 
 def received(channel: str) -> dict[str, Any] | None:
@@ -171,7 +198,7 @@ def test_a_dead_workers_replies_are_continued_once_and_nothing_alive_is_touched(
     while (message := received(cluster.worker_channel("alive"))) is not None:
         starts.append(message["code"])
     assert sorted(starts) == sorted([str(waiting.code), str(continued.code)])
-    assert not WorkerHeartbeat.objects.filter(worker_id="dead").exists()
+    assert not registered("dead")
 
 
 def test_mlxweb_status_lists_every_worker(db, tmp_path, cli) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
@@ -214,4 +241,26 @@ def test_stopping_a_reply_whose_worker_is_gone_ends_it_at_once(
     assert "resumed_by" not in generation.details
     assert received(cluster.worker_channel("gone")) is None
     assert received(cluster.worker_channel("alive")) is None  # nothing continued
-    assert not WorkerHeartbeat.objects.filter(worker_id="gone").exists()
+    assert not registered("gone")
+
+
+def test_the_registry_says_who_is_new_and_lets_one_process_declare_a_worker_dead(
+    backend: str, db: None
+) -> None:
+    workers = registry()
+    assert isinstance(workers, RedisRegistry) == (backend == "redis")
+    assert workers.beat(Beat("w1", timezone.now() - timedelta(seconds=60), channel_name="c1"))
+    assert not workers.beat(Beat("w1", timezone.now() - timedelta(seconds=60), channel_name="c1"))
+    beat("w2", "a")
+    assert [b.worker_id for b in workers.beats()] == ["w1", "w2"]
+    cutoff = timezone.now() - timedelta(seconds=30)
+    # w2 beat just now: not lapsed, not claimed; w1 is claimed once, whoever asks second.
+    assert not workers.claim_lapsed("w2", cutoff)
+    assert workers.claim_lapsed("w1", cutoff)
+    assert not workers.claim_lapsed("w1", cutoff)
+    assert [b.worker_id for b in workers.beats()] == ["w2"]
+    # A worker declared dead that beats again is new again (it drops its replies).
+    assert workers.beat(Beat("w1", timezone.now(), channel_name="c1"))
+    kept = workers.get("w2")
+    assert kept is not None and kept.loaded == [{"model_id": "a", "bytes": GB}]
+    assert kept.channel_name == cluster.worker_channel("w2") and kept.budget_bytes == 8 * GB

@@ -18,10 +18,22 @@ import pytest
 import redis
 import websockets
 
+from inference.registry import Beat, RedisRegistry
 from tests.support.live import Browserless, Site, write_configs
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def registered_workers(url: str = REDIS_URL) -> list[Beat]:
+    """The workers registered in the scaled site's Redis (inference.registry), by id."""
+    return RedisRegistry(url, ttl_s=60).beats()
+
+
+def forget_workers(url: str = REDIS_URL) -> None:
+    """Empty the site's worker registry (as if every worker had been declared dead)."""
+    client = redis.Redis.from_url(url)
+    client.delete(RedisRegistry.IDS, *client.keys("mlxweb:worker:*"))
 
 
 @contextmanager
