@@ -75,8 +75,9 @@ def test_it_approves_a_python_call_and_shows_its_output(page: Page, live_site) -
     expect(done).to_be_visible(timeout=60_000)
     done.locator("summary").click()  # a finished step is folded; a person opens it
     expect(done.locator(".tool-result")).to_contain_text("42")
-    # the result went back to the model: a second reply follows and finishes (the site's first
-    # generation: the model loads first, which took over a minute on a loaded CI machine)
+    # the result went back to the model: a second reply follows and finishes. It is the site's
+    # first generation (the model loads first); once in CI it had not begun after a minute (a
+    # failure now reports the site's log, tests/conftest.py).
     expect(page.locator(".message.assistant")).to_have_count(2, timeout=60_000)
     expect(page.locator(".message.assistant").last.locator(".meta")).to_be_visible(
         timeout=150_000
