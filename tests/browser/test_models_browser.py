@@ -167,7 +167,8 @@ def _step_job(page: Page, site: Site, worker: int, code: str) -> list[tuple[str,
         if not seen or state != seen[-1]:
             seen.append(state)
         state_name, done, total, _ = row
-        if state_name != "running" or (total and done < total):
+        # Still queued (the worker has not taken it up in its slices yet): another slice.
+        if state_name not in ("queued", "running") or (total and done < total):
             break
     return seen
 
