@@ -52,21 +52,17 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """A failed test that ran a live site (tests.support.live.Site) reports the end of each of
-    its processes' logs: what the server did is otherwise lost with its temporary folder."""
+    """A test that failed (or whose fixtures failed) while live sites ran
+    (tests.support.live.Site) reports the end of each of their processes' logs: what the server
+    did is otherwise lost with its temporary folder."""
     report = yield
     if report.failed:
-        from tests.support.live import Site
+        from tests.support.live import RUNNING
 
-        funcargs = getattr(item, "funcargs", {})
-        for name, value in funcargs.items():
-            sites = value if isinstance(value, (list, tuple)) else [value]
-            for site in sites:
-                if not isinstance(site, Site):
-                    continue
-                for log in sorted(site.log_dir.glob("*.log")):
-                    tail = log.read_text(errors="replace")[-6000:]
-                    report.sections.append((f"{name}: {log.name} (its end)", tail))
+        for index, site in enumerate(RUNNING):
+            for log in sorted(site.log_dir.glob("*.log")):
+                tail = log.read_text(errors="replace")[-6000:]
+                report.sections.append((f"live site {index}: {log.name} (its end)", tail))
     return report
 
 

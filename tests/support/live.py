@@ -92,7 +92,7 @@ def api_site(
     return site
 
 
-@dataclass
+@dataclass(eq=False)
 class Site:
     """An mlxweb started with `manage.py` subprocesses in a given environment."""
 
@@ -111,6 +111,8 @@ class Site:
         return result.stdout
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        if self not in RUNNING:
+            RUNNING.append(self)
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, stdout=log,
@@ -138,6 +140,8 @@ class Site:
     def stop_all(self) -> None:
         for name in list(self.processes):
             self.stop(name, signal.SIGKILL)
+        if self in RUNNING:
+            RUNNING.remove(self)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
@@ -146,6 +150,10 @@ class Site:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+# The sites started and not yet stopped (a failed test reports their logs: tests/conftest.py).
+RUNNING: list[Site] = []
 
 
 class Browserless:
