@@ -57,6 +57,9 @@ def sign_up(page: Page, base_url: str, username: str) -> None:
     page.fill("input[name=password2]", PASSWORD)
     page.click("button[type=submit]")
     expect(page.locator("#composer")).to_be_visible()
+    # The page's scripts are deferred (Enter sends, the socket): before they run, Enter types a
+    # new line. The likely cause of a full run's 120 s wait for a new chat after Enter.
+    page.wait_for_load_state("load")
 
 
 @contextmanager
