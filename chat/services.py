@@ -489,10 +489,8 @@ def tool_step_decide(*, conversation: Conversation, step_code: str, decision: st
 def tool_step_run(*, step: ToolStep) -> ToolStep:
     """Run a queued step (claimed first, so only one caller runs it) and record its result.
     Synchronous and slow: call it off the event loop."""
-    claimed = inference.write_retrying_locks(
-        lambda: ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
-            state=ToolStep.State.RUNNING
-        )
+    claimed = ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
+        state=ToolStep.State.RUNNING
     )
     step.refresh_from_db()
     if not claimed:

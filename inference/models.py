@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import OperationalError, connection, models
+from django.db import connection, models
 from django.utils import timezone
 
 
@@ -92,24 +90,6 @@ class PromptMessage(models.Model):
             if existing is not None:
                 return existing
         return cls.objects.create(parent=parent, role=role, content=content, extra=extra)
-
-
-# Tries of a write that SQLite refuses with "table is locked".
-LOCKED_WRITE_ATTEMPTS = 8
-
-
-def write_retrying_locks(write: Callable[[], int]) -> int:
-    """`write()` (an UPDATE returning its row count), tried again shortly when SQLite says the
-    table is locked: a shared-cache database (the tests' in-memory one) refuses a write that
-    meets another connection's table lock at once, without the busy timeout's wait."""
-    for attempt in range(LOCKED_WRITE_ATTEMPTS):
-        try:
-            return write()
-        except OperationalError as e:
-            if "locked" not in str(e) or attempt == LOCKED_WRITE_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 class GenerationQuerySet(models.QuerySet["Generation"]):

@@ -26,10 +26,7 @@ from django.db.models import Max
 from inference.catalogue import ModelSpec, ModelUnavailable, UnknownModel, get_catalogue
 from inference.config import MAX_KEEP_ALIVE_S, ModelConfig
 from inference.models import Generation, PromptMessage
-
-# For chat, which reaches inference through services.
-from inference.models import write_retrying_locks as write_retrying_locks
-from inference.registry import Beat as Beat
+from inference.registry import Beat
 from inference.schemas import ChatMessage, GenerationParams
 from inference.weights import convert as _convert
 from inference.weights import evaluation as _evaluation

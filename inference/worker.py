@@ -32,7 +32,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from inference import cluster, metrics
-from inference.models import Generation, write_retrying_locks
+from inference.models import Generation
 from inference.parsing import OutputFormat, OutputSplitter
 from inference.registry import Beat, registry
 from inference.schemas import GenerationParams
@@ -188,8 +188,8 @@ def _load_queued(code: str) -> tuple[Generation, list[dict[str, Any]]] | None:
     """The queued row and its prompt (one query for the row, one for the whole prompt), once
     this worker has claimed it: a row routed to another worker, or already started, is not
     taken (a start that reached two workers runs once)."""
-    claimed = write_retrying_locks(
-        lambda: Generation.objects.filter(code=code, state=Generation.State.QUEUED)
+    claimed = (
+        Generation.objects.filter(code=code, state=Generation.State.QUEUED)
         .filter(worker_id__in=("", WORKER_ID))
         .update(worker_id=WORKER_ID)
     )
