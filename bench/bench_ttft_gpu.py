@@ -14,6 +14,7 @@ the same forward pass both ways (and through mlx-lm's generate_step) to tell whi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -35,15 +36,10 @@ def _prefill(model: Any, prompt: list[int], stream: Any = None) -> float:
 
     started = time.perf_counter()
     cache = make_prompt_cache(model)
-    if stream is None:
+    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
         logits = model(mx.array([prompt], dtype=mx.uint32), cache=cache)
         token = mx.argmax(logits[:, -1, :], axis=-1)
         mx.eval([c.state[:2] for c in cache] + [token])
-    else:
-        with mx.stream(stream):
-            logits = model(mx.array([prompt], dtype=mx.uint32), cache=cache)
-            token = mx.argmax(logits[:, -1, :], axis=-1)
-            mx.eval([c.state[:2] for c in cache] + [token])
     token.item()
     return time.perf_counter() - started
 

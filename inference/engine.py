@@ -1643,25 +1643,24 @@ class Engine:
         import mlx.core as mx
         from mlx_lm.models.cache import KVCache
 
-        seqs = [a.seq for a in rows]
-        assert all(s is not None for s in seqs)
-        offset = len(seqs[0].fed)  # type: ignore[union-attr]
+        seqs = [a.seq for a in rows if a.seq is not None]
+        assert len(seqs) == len(rows)
+        offset = len(seqs[0].fed)
         batched: list[Any] = []
-        for i in range(len(seqs[0].cache)):  # type: ignore[union-attr]
+        for i in range(len(seqs[0].cache)):
             layer = KVCache()
             if offset:
                 # A layer's arrays may be longer than its tokens (grown in steps, or trimmed).
-                own = [s.cache[i] for s in seqs]  # type: ignore[union-attr]
+                own = [s.cache[i] for s in seqs]
                 layer.keys = mx.concatenate([c.keys[..., :offset, :] for c in own], axis=0)
                 layer.values = mx.concatenate([c.values[..., :offset, :] for c in own], axis=0)
                 layer.offset = offset
             batched.append(layer)
-        pieces = [s.rest[:n] for s in seqs]  # type: ignore[union-attr]
+        pieces = [s.rest[:n] for s in seqs]
         sampled: dict[int, tuple[Any, Any]] = {}
         with self._on_stream():
             logits = slot.loaded.model(mx.array(pieces, dtype=mx.uint32), cache=batched)
             for j, (seq, piece) in enumerate(zip(seqs, pieces, strict=True)):
-                assert seq is not None
                 if n == len(seq.rest):
                     sampled[j] = self._sample(seq, logits[j : j + 1, -1, :], seq.fed + piece)
                 rows_cache = []
@@ -1672,9 +1671,8 @@ class Engine:
                     row.offset = offset + n
                     rows_cache.append(row)
                 seq.cache = rows_cache
-            mx.eval([(c.keys, c.values) for s in seqs for c in s.cache] + list(sampled.values()))  # type: ignore[union-attr]
+            mx.eval([(c.keys, c.values) for s in seqs for c in s.cache] + list(sampled.values()))
         for j, (active, seq, piece) in enumerate(zip(rows, seqs, pieces, strict=True)):
-            assert seq is not None
             active.prefill_chunks += 1
             active.prefill_rows = max(active.prefill_rows, len(rows))
             seq.fed.extend(piece)

@@ -186,7 +186,7 @@ def _from_json(raw: Any) -> Beat | None:
 
 
 _lock = threading.Lock()
-_redis: dict[tuple[str, float], RedisRegistry] = {}
+_redis: dict[str, RedisRegistry] = {}  # by URL: one client (and its pool) per process
 
 
 def registry() -> Registry:
@@ -195,13 +195,12 @@ def registry() -> Registry:
     url = getattr(settings, "REDIS_URL", "") or ""
     if not url:
         return TableRegistry()
-    from inference.cluster import DEAD_AFTER_S
-
-    key = (url, DEAD_AFTER_S)
     with _lock:
-        found = _redis.get(key)
+        found = _redis.get(url)
         if found is None:
+            from inference.cluster import DEAD_AFTER_S
+
             # Long enough that a lapsed worker is still there to be declared dead (and its
             # replies taken over) by the next process that looks.
-            found = _redis[key] = RedisRegistry(url, ttl_s=20 * DEAD_AFTER_S)
+            found = _redis[url] = RedisRegistry(url, ttl_s=20 * DEAD_AFTER_S)
     return found
