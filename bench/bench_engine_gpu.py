@@ -107,7 +107,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 FORMATS = ("q4", "q8", "bf16")
 # "engine-nocache" is our engine with its prompt-prefix cache off: it shows what the cache's
 # fetch (a deep copy and trim of the nearest cached KV) and insert cost a new conversation.
-SYSTEMS = ("raw", "engine", "engine-nocache", "server", "spec-agree", "spec-random")
+# "engine-fused" carries prefill chunks in decode passes (inference.fused: the CPU's default).
+SYSTEMS = (
+    "raw", "engine", "engine-nocache", "engine-fused", "server", "spec-agree", "spec-random"
+)  # fmt: skip
 # Speculative decoding (one stream, the engine with and without the model's draft): the draft is
 # the model's first DRAFT_LAYERS layers. "spec-random": the built model as it is (random layers
 # after those: the draft rarely agrees, the cost side). "spec-agree": a copy whose later layers
@@ -609,6 +612,7 @@ def run_engine(
     clock: Clock,
     *,
     prompt_cache: bool = True,
+    fuse: bool | None = None,
 ) -> None:
     """Measure `inference.engine.Engine` through a Catalogue over the built models."""
     from inference.catalogue import Catalogue, model_id_for_dir
@@ -629,6 +633,7 @@ def run_engine(
         max_new_tokens=max(settings.max_tokens, settings.batch_max_tokens),
         prompt_cache_entries=16 if prompt_cache else 0,
     )
+    engine.fuse_prefill = fuse  # None: the engine's default (fused on the CPU only)
     _free()
     _reset_peak()
     engine.start()
@@ -1092,7 +1097,8 @@ def run(
                                 settings,
                                 outcome,
                                 clock,
-                                prompt_cache=system == "engine",
+                                prompt_cache=system != "engine-nocache",
+                                fuse=True if system == "engine-fused" else None,
                             )
                         else:
                             run_server(
@@ -1179,6 +1185,7 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
             "raw": "raw mlx-lm",
             "engine": "mlxweb Engine",
             "engine-nocache": "mlxweb Engine, no prompt cache",
+            "engine-fused": "mlxweb Engine, chunks fused",
             "server": "mlx_lm.server",
             "spec-agree": "mlxweb Engine + draft (agreeing)",
             "spec-random": "mlxweb Engine + draft (random)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import statistics
 import sys
 import threading
@@ -30,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 def _prefill(model: Any, prompt: list[int], stream: Any = None) -> float:
     """Seconds for the prompt through a fresh cache and the first token's argmax, as the
-    engine's _prefill_chunk does."""
+    engine's _prefill_group does."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -97,13 +98,26 @@ def engine_sections(model_dir: Path, streams: int, repeats: int, words: int) -> 
         setattr(owner, name, wrapper)
 
     for name in (
-        "_admit", "_step", "_place_ready", "_prefill_step", "_prefill_chunk", "_prefill_rows",
-        "_batch_step", "_solo_step", "_join_batch", "_finish", "_sample", "_emit_token",
+        "_admit", "_step", "_place_ready", "_prefill_step", "_prefill_group", "_chunk_start",
+        "_chunk_finish", "_board_riders", "_land_riders", "_batch_step", "_solo_step",
+        "_join_batch", "_finish", "_sample", "_emit_token",
     ):  # fmt: skip
         timed(engine_module.Engine, name)
     for name in ("insert", "fetch"):
         timed(kvcache.PromptCacheStore, name)
     timed(mx, "eval")
+
+    # The engine's own account of each prefill chunk (rows x tokens, offset, milliseconds).
+    chunk_lines: list[str] = []
+
+    class _Chunks(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "chunk of" in record.msg:
+                chunk_lines.append(record.getMessage())
+
+    engine_logger = logging.getLogger("inference.engine")
+    engine_logger.addHandler(_Chunks())
+    engine_logger.setLevel(logging.DEBUG)
 
     model_id = model_id_for_dir(model_dir.name)
     config = Config(
@@ -127,7 +141,9 @@ def engine_sections(model_dir: Path, streams: int, repeats: int, words: int) -> 
             event = threading.Event()
             requests = [
                 GenerationRequest(
-                    f"{entries}-{nonce}", model_id, _messages(nonce, words),
+                    f"{entries}-{nonce}",
+                    model_id,
+                    _messages(nonce, words),
                     GenerationParams(temperature=0.0, max_tokens=max_tokens),
                 )  # fmt: skip
                 for nonce in _nonces(n)
@@ -153,6 +169,7 @@ def engine_sections(model_dir: Path, streams: int, repeats: int, words: int) -> 
         ):
             spent.clear()
             calls.clear()
+            chunk_lines.clear()
             wall, finished = 0.0, []
             for _ in range(times):
                 w, f = run(n, tokens)
@@ -167,10 +184,13 @@ def engine_sections(model_dir: Path, streams: int, repeats: int, words: int) -> 
                 f"{k} {v * 1000:.0f} ms/{calls[k]}"
                 for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
             )
+            chunks = statistics.median(f.details.get("prefill_chunks", 0) for f in finished)
             lines.append(
                 f"- cache {'on' if entries else 'off'}, {label}: wall {wall:.2f} s, "
-                f"ttft parts {parts}; {sections}"
+                f"ttft parts {parts}, prefill chunks (median) {chunks}; {sections}"
             )
+            if n == 1:
+                lines += [f"  - {line}" for line in chunk_lines[-6:]]
         engine.stop(timeout=60)
     return lines
 

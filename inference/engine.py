@@ -26,7 +26,9 @@ import gc
 import json
 import logging
 import math
+import os
 import queue
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -64,6 +66,12 @@ PRIORITY_RANK = {"interactive": 0, "batch": 1}
 MIN_PREFILL_SHARE = 0.5
 # What one prefill step may take while no stream decodes (see _prefill_step).
 IDLE_PREFILL_S = 1.0
+# A prompt whose rest costs at most this much times what is left of a step's prefill budget
+# is prefilled whole in that step: its first token comes a step or more sooner.
+FINISH_STRETCH = 1.75
+# How much a chunk may grow (before the square root) from one prefill step to the next while
+# no stream decodes: 16, so 4x.
+IDLE_GROWTH = 16.0
 # A prompt's first chunk, before the model's prefill speed is measured: tokens in one step's
 # full budget.
 INITIAL_CHUNK = 16.0
@@ -74,11 +82,20 @@ SHORT_OFFSET = 256
 # own batched prefill takes 8), each row getting at least MIN_ROW_TOKENS of the step's tokens.
 PREFILL_ROWS = 8
 MIN_ROW_TOKENS = 16
+# On CUDA, prompt chunks are padded to a multiple of this many tokens and kept prompt prefixes are
+# reused in multiples of it: each new query length costs a prefill 5-40 ms the first time (kernels
+# and graphs built for the shape) and an H100 prefills 32 tokens more in well under a millisecond.
+CUDA_SHAPE_GRANULE = 32
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
-# Every this many speculative steps, one step runs without the draft to measure the plain
-# decode speed the speed-up is reported against.
-SPEC_BASELINE_EVERY = 16
+# A reply with a draft model decodes its first this many tokens without it, on the pipelined
+# one-stream path: the plain speed the draft is judged against (the draft catches up after).
+# A synchronous plain step measured inside speculation made plain decoding look 1.6x slower
+# than it is on an H100 (the engine reported 1.42x where the bench measured 0.90x).
+SPEC_PLAIN_TOKENS = 8
+# After this many rounds with the draft, a reply whose tokens cost more with it than without
+# goes on without it (a draft that rarely agrees, or one that costs near the model's step).
+SPEC_JUDGE_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -301,6 +318,15 @@ class _Slot:
     # of a plain one-stream step (what speculative decoding is compared with).
     chunk: float = INITIAL_CHUNK
     solo_token_s: float = 0.0
+    # Measured for prefill chunks riding decode passes (inference.fused): seconds of a plain
+    # batch decode step (the median of the last ones: a step in which a request joins the
+    # batch costs a second pass), and what each prompt token adds to a step.
+    decode_times: deque[float] = field(default_factory=lambda: deque(maxlen=15))
+    decode_s: float = 0.0
+    token_s: float = 0.0
+    # The same for chunks that start before SHORT_OFFSET: attention makes a token at a long
+    # prompt's far end dearer (on a 2-core CPU, ~3 ms near the start against ~9 ms at 1,000).
+    early_token_s: float = 0.0
     # Built on first use: llguidance's tokenizer, each token's text and bytes for logprobs,
     # whether the chat template renders tools itself.
     constraint_tokenizer: Any = None
@@ -308,6 +334,20 @@ class _Slot:
     template_tools: bool | None = None
     # inference.provenance.model_provenance of this model, computed on its first request.
     provenance: dict[str, Any] | None = None
+
+
+@dataclass
+class _ChunkRun:
+    """One prefill pass over the next `n` prompt tokens of `rows` (Engine._chunk_start)."""
+
+    rows: list[_Active]
+    seqs: list[_Seq]
+    pieces: list[list[int]]
+    n: int
+    offset: int
+    tokens: Any  # (rows, n padded)
+    cache: list[Any]
+    rider: Any = None  # its inference.fused.Rider when it rides a decode pass
 
 
 @dataclass(eq=False)
@@ -338,6 +378,8 @@ class _Active:
     plain: bool = False  # no logits processors, no seed: may move from the batch to solo
     prefill_chunks: int = 0
     prefill_rows: int = 1  # the most prompts it prefilled together with (itself included)
+    prefill_fused: int = 0  # chunks that went through a decode step's forward pass
+    prefill_ahead: int = 0  # chunks that went through the model just before a decode pass
     # Where the time to the first token went: waiting for admission (its model loading, the
     # engine busy with a step), the template and cache lookup, then its prefill.
     submitted_at: float = 0.0
@@ -348,6 +390,7 @@ class _Active:
     spec_accepted: int = 0
     spec_tokens: int = 0
     spec_s: float = 0.0
+    spec_dropped_at: int = 0  # the tokens written when the draft was dropped as a loss
     cache_source: str = "none"  # Finished.prompt_cache: where its KV prefix came from
 
 
@@ -441,6 +484,11 @@ class Engine:
         self.target_latency_s = max(0.001, target_latency_ms / 1000.0)
         # Use a model's draft_model (configs/models/) when one stream decodes alone.
         self.enable_speculative = enable_speculative
+        # Carry prompt chunks in the decode step's forward pass where the model allows
+        # (inference.fused). None: on the CPU only, where a pass's cost is the weights' read and
+        # fusing made the scheduler's targets; on an H100 it measured slower (the riders'
+        # synchronous finish stalls the decode pipeline). Tests and benchmarks set it.
+        self.fuse_prefill: bool | None = None
         self._uids = 0  # engine-side uids of requests outside a generator: -1, -2, ...
         # Seconds an idle model stays loaded when its config says nothing (None: for good).
         self.keep_alive = _keep_alive_or_none(keep_alive)
@@ -467,6 +515,8 @@ class Engine:
         self._by_id: dict[str, _Active] = {}
         self._samplers: dict[tuple[float, float, float, int], Any] = {}
         self._stream: mx.Stream | None = None
+        # Prompt chunks are padded to a multiple of this (CUDA_SHAPE_GRANULE on CUDA, else 1).
+        self._granule = 1
         # What is loaded, for status pages: replaced (never mutated) by the engine thread, so
         # any thread may read it.
         self._loaded_info: tuple[dict[str, Any], ...] = ()
@@ -486,6 +536,7 @@ class Engine:
             if self._state != "new":
                 return
             self._state = "running"
+            _prefer_mlx_attention()
             self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
             self._thread.start()
 
@@ -639,6 +690,9 @@ class Engine:
 
         # The thread's own stream: every model, cache and generator of this engine lives on it.
         self._stream = mx.default_stream(mx.default_device())
+        self._granule = CUDA_SHAPE_GRANULE if _on_cuda() else 1
+        if self.fuse_prefill is None:
+            self.fuse_prefill = mx.default_device() == mx.cpu
         logger.info("engine started")
         try:
             while self._handle_commands(block=not self._busy(), timeout=self._next_expiry_in()):
@@ -788,9 +842,7 @@ class Engine:
             else:
                 prompt, trimmed, _ = self._prompt(slot, command.request)
                 cached, source = (
-                    slot.prompt_cache.peek(prompt)
-                    if slot.prompt_cache is not None
-                    else (0, "none")
+                    slot.prompt_cache.peek(prompt) if slot.prompt_cache is not None else (0, "none")
                 )
                 answer = {
                     "loaded": True,
@@ -1039,7 +1091,7 @@ class Engine:
 
             settings = self.kv_cache.for_model(spec)
             prompt_cache = PromptCacheStore(
-                model_cache_key(loaded, settings), settings, self._kv_disk
+                model_cache_key(loaded, settings), settings, self._kv_disk, align=self._granule
             )
         eos = sorted(loaded.tokenizer.eos_token_ids)
         slot = _Slot(
@@ -1073,8 +1125,14 @@ class Engine:
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
         from mlx_lm.generate import BatchGenerator
 
+        from inference import fused
+
+        # Prompt chunks ride in its decode passes where the architecture allows (_step).
+        model: Any = (
+            fused.RidingModel(loaded.model) if fused.fusable(loaded.model) else loaded.model
+        )
         return BatchGenerator(
-            loaded.model,
+            model,
             max_tokens=self.max_new_tokens,
             completion_batch_size=self.completion_batch_size,
             prefill_batch_size=self.prefill_batch_size,
@@ -1191,9 +1249,7 @@ class Engine:
 
             slot.provenance = model_provenance(slot.loaded, self.converted_dir)
         try:
-            active.emit(
-                Started(request.id, len(prompt), cached, trimmed, output, slot.provenance)
-            )
+            active.emit(Started(request.id, len(prompt), cached, trimmed, output, slot.provenance))
         except Exception as e:
             logger.exception("request %s: event handler failed", request.id)
             self._finish(active, "error", error=f"event handler failed: {_describe(e)}")
@@ -1383,14 +1439,49 @@ class Engine:
         self._place_ready(slot)
         began = time.perf_counter()
         rows = 0
+        runs: list[_ChunkRun] = []
+        ahead_s = 0.0
         if slot.solo is not None:
             rows = 1
             self._solo_step(slot, slot.solo)
         elif any(a.phase == "batch" for a in slot.active.values()):
             rows = sum(1 for a in slot.active.values() if a.phase == "batch")
+            ahead_s, ahead_tokens = self._head_start(slot, rows)
+            began = time.perf_counter()
+            runs = self._board_riders(slot, rows + ahead_tokens, ahead_s)
+            generator = slot.generator
             self._batch_step(slot)
+            if runs and slot.generator is not generator:
+                # The step failed and its generator was replaced: the riders' caches may hold
+                # part of the pass.
+                for run in runs:
+                    for active in run.rows:
+                        self._finish(active, "error", error="prefill failed with its batch step")
+                runs = []
         decode_s = time.perf_counter() - began
-        if slot.prefilling:
+        if runs:
+            self._land_riders(slot, runs)
+            elapsed = time.perf_counter() - began
+            tokens = sum(run.n * len(run.rows) for run in runs)
+            added = max(elapsed - slot.decode_s, 0.0) / tokens
+            slot.token_s = 0.7 * slot.token_s + 0.3 * added if slot.token_s else added
+            if all(run.offset < SHORT_OFFSET for run in runs):
+                early = slot.early_token_s
+                slot.early_token_s = 0.7 * early + 0.3 * added if early else added
+            logger.debug(
+                "step: %d rows decoding, %d prompt tokens riding in %d chunks, %.0f ms "
+                "(decode alone %.0f ms, a prompt token %.1f ms)",
+                rows,
+                tokens,
+                len(runs),
+                elapsed * 1000,
+                slot.decode_s * 1000,
+                slot.token_s * 1000,
+            )
+        elif rows > 1:
+            slot.decode_times.append(decode_s)
+            slot.decode_s = statistics.median(slot.decode_times)
+        if slot.prefilling and not runs and not ahead_s:
             self._prefill_step(slot, decode_s if rows else 0.0, rows)
 
     def _place_ready(self, slot: _Slot) -> None:
@@ -1557,16 +1648,9 @@ class Engine:
             # to target_latency_ms, a chunk whose forward pass alone costs about that (a loaded
             # CPU) stayed at a few tokens, and a prompt alone prefilled ~10x slower than raw.
             target = max(target, IDLE_PREFILL_S)
-        budget = max(target - decode_s, max(target, decode_s) * MIN_PREFILL_SHARE)
+        budget = _prefill_budget(target, decode_s)
         tokens_left = max(1, self.max_batch_tokens - rows)
-        order = sorted(
-            slot.prefilling,
-            key=lambda a: (
-                PRIORITY_RANK.get(a.request.priority, 1),
-                len(a.seq.rest) if a.seq is not None else 0,
-                a.started_at,
-            ),
-        )
+        order = self._prefill_order(slot)
         spent = 0.0
         done: set[int] = set()
         for active in order:
@@ -1580,43 +1664,30 @@ class Engine:
             tokens = max(1, min(tokens, tokens_left))
             # The prompts at this one's offset go through the model with it, as rows of one
             # batch (a forward pass of 8 short rows costs little more than one on a GPU).
-            group = [active]
-            if _may_prefill_together(seq):
-                group += [
-                    other
-                    for other in order
-                    if other is not active
-                    and id(other) not in done
-                    and not other.finished
-                    and other.seq is not None
-                    and len(other.seq.fed) == len(seq.fed)
-                    and _may_prefill_together(other.seq)
-                ]
-                group = group[: max(1, min(PREFILL_ROWS, tokens // MIN_ROW_TOKENS))]
+            group = _same_offset(active, order, done)
+            group = group[: max(1, min(PREFILL_ROWS, tokens // MIN_ROW_TOKENS))]
             done.update(id(a) for a in group)
             seqs = [a.seq for a in group if a.seq is not None]
             n = max(1, min(tokens // len(group), self.prefill_step_size))
             n = min([n] + [len(s.rest) for s in seqs])
             began = time.perf_counter()
-            try:
-                if len(group) == 1:
-                    self._prefill_chunk(slot, active, n)
-                else:
-                    self._prefill_rows(slot, group, n)
-            except Exception as e:
-                logger.exception("request %s: prefill failed", active.request.id)
-                for failed in group:
-                    self._finish(failed, "error", error=f"prefill failed: {_describe(e)}")
+            if not self._prefill_or_fail(slot, group, n):
                 continue
             elapsed = max(time.perf_counter() - began, 1e-6)
             spent += elapsed
             tokens_left -= n * len(group)
+            if not slot.token_s:
+                slot.token_s = elapsed / (n * len(group))  # fixed cost included: a start
             # n tokens a row took `elapsed`: move the chunk towards what fits the budget, by
             # the square root of the ratio (one step slowed by something else must not halve
             # it), at most 1.4x either way (a forward pass has a fixed cost, and attention
             # makes tokens dearer as the prompt grows), and one token more whenever it fitted,
             # so a chunk that costs little more than its fixed part still grows.
-            ratio = min(max((n * len(group) * budget / elapsed) / seq.chunk, 0.5), 2.0)
+            # With nobody streaming there is no gap to protect: a chunk far under the budget
+            # grows up to 4x (on a GPU the ramp from INITIAL_CHUNK took ~8 chunks, each a shape
+            # whose first pass costs a graph build).
+            grow = IDLE_GROWTH if rows == 0 else 2.0
+            ratio = min(max((n * len(group) * budget / elapsed) / seq.chunk, 0.5), grow)
             chunk = seq.chunk * ratio**0.5
             if elapsed < min(left, budget):
                 chunk = max(chunk, seq.chunk + 1.0)
@@ -1636,45 +1707,246 @@ class Engine:
                 # Where a new prompt starts: what it learned is where the next one begins.
                 slot.chunk = seq.chunk
 
-    def _prefill_rows(self, slot: _Slot, rows: list[_Active], n: int) -> None:
-        """Run the next `n` prompt tokens of several requests whose caches hold the same number
-        of tokens through the model in one batch, then give each its own cache back; a row
-        whose prompt ends here samples and emits its first token."""
+    def _riding(self, slot: _Slot) -> bool:
+        """Whether prompt chunks ride this model's decode passes (inference.fused) now."""
+        from inference import fused
+
+        riding = slot.generator.model
+        return isinstance(riding, fused.RidingModel) and bool(self.fuse_prefill and slot.decode_s)
+
+    def _head_start(self, slot: _Slot, rows: int) -> tuple[float, int]:
+        """Where prompt chunks ride decode passes: new interactive prompts whose rest fits in
+        a step of FINISH_STRETCH times target_latency_ms with the decode pass go through the
+        model first, whole, in a pass of their own, so their first token comes before the
+        decode pass instead of after it, and in one step. The decoders wait about as long
+        either way: on the 2-core CPU a 33-token prompt alone took 150 ms and added 142 to a
+        two-row decode pass of 79. Returns the seconds and the prompt tokens spent (a step's
+        tokens stay within max_batch_tokens)."""
+        if not self._riding(slot):
+            return 0.0, 0
+        budget = _prefill_budget(self.target_latency_s, slot.decode_s)
+        token_s = slot.early_token_s or slot.token_s or budget / INITIAL_CHUNK
+        left = self.target_latency_s * FINISH_STRETCH - slot.decode_s
+        tokens_left = max(1, self.max_batch_tokens - rows)
+        order = self._prefill_order(slot)
+        taken: set[int] = set()
+        began = time.perf_counter()
+        for active in order:
+            if PRIORITY_RANK.get(active.request.priority, 1) > 0:
+                break  # background work waits for the decode pass, as it waits for a chat
+            seq = active.seq
+            if seq is None or active.finished or id(active) in taken:
+                continue
+            rest = len(seq.rest)
+            if seq.draft_cache or len(seq.fed) >= SHORT_OFFSET:
+                continue
+            if rest * token_s > left:
+                continue
+            group = [
+                a
+                for a in _same_offset(active, order, taken)
+                if a.seq is not None and len(a.seq.rest) == rest
+            ][: max(1, min(PREFILL_ROWS, tokens_left // max(1, rest)))]
+            if rest * len(group) > tokens_left:
+                continue
+            taken.update(id(a) for a in group)
+            if not self._prefill_or_fail(slot, group, rest):
+                continue
+            for a in group:
+                a.prefill_ahead += 1
+            left -= rest * len(group) * token_s
+            tokens_left -= rest * len(group)
+            if left <= 0 or tokens_left <= 0:
+                break
+        spent = max(1, self.max_batch_tokens - rows) - tokens_left
+        return (time.perf_counter() - began if taken else 0.0), spent
+
+    def _board_riders(self, slot: _Slot, rows: int, spent: float = 0.0) -> list[_ChunkRun]:
+        """Prompt chunks for the coming decode pass to carry (inference.fused), within what
+        target_latency_ms leaves after the decode step (less `spent`, seconds this step already
+        took; `rows` counts the tokens it already has) at the measured cost per prompt token;
+        a prompt whose rest fits FINISH_STRETCH times that goes whole (its first token
+        sooner). Empty when the model cannot fuse or nothing is measured yet."""
+        from inference import fused
+
+        if not self._riding(slot):
+            return []
+        riding = slot.generator.model
+        assert isinstance(riding, fused.RidingModel)
+        budget = _prefill_budget(self.target_latency_s, slot.decode_s)
+        token_s = slot.token_s or budget / INITIAL_CHUNK
+        left, tokens_left = budget - spent, max(1, self.max_batch_tokens - rows)
+        runs: list[_ChunkRun] = []
+        taken: set[int] = set()
+        order = self._prefill_order(slot)
+        for active in order:
+            seq = active.seq
+            if left <= budget * 0.1 or tokens_left <= 0:
+                break
+            if seq is None or active.finished or id(active) in taken or seq.draft_cache:
+                continue
+            cost = token_s
+            if len(seq.fed) < SHORT_OFFSET and slot.early_token_s:
+                cost = slot.early_token_s
+            rest = len(seq.rest)
+            n = rest if rest * cost <= left * FINISH_STRETCH else int(left / cost)
+            group = _same_offset(active, order, taken)
+            group = group[: max(1, min(PREFILL_ROWS, tokens_left // max(1, n)))]
+            n = max(1, min(n, tokens_left // len(group), self.prefill_step_size))
+            n = min([n] + [len(a.seq.rest) for a in group if a.seq is not None])
+            taken.update(id(a) for a in group)
+            runs.append(self._chunk_start(slot, group, n))
+            left -= n * len(group) * cost
+            tokens_left -= n * len(group)
+        for run in runs:
+            run.rider = fused.Rider(run.tokens, run.cache, run.n - 1)
+        riding.riders = [run.rider for run in runs]
+        return runs
+
+    def _land_riders(self, slot: _Slot, runs: list[_ChunkRun]) -> None:
+        """Finish the chunks the decode pass carried (one it did not carry, because the
+        generator made no model call, runs on its own)."""
+        from inference import fused
+
+        riding = slot.generator.model
+        if isinstance(riding, fused.RidingModel):
+            riding.riders = []
+        for run in runs:
+            try:
+                with self._on_stream():
+                    carried = run.rider.logits if run.rider is not None else None
+                    if carried is None:
+                        logits = self._own_pass(slot, run)
+                    else:
+                        logits = carried
+                        for active in run.rows:
+                            active.prefill_fused += 1
+                    self._chunk_finish(slot, run, logits)
+            except Exception as e:
+                self._fail_prefill(run.rows, e)
+
+    def _prefill_order(self, slot: _Slot) -> list[_Active]:
+        """Requests with prompt left to prefill, highest priority and shortest rest first. One
+        whose prompt ended earlier in this step (a head start, Engine._head_start) waits in
+        slot.prefilling for the next step's _place_ready: it has none left."""
+        return sorted(
+            (a for a in slot.prefilling if a.seq is None or not a.seq.prefilled),
+            key=lambda a: (
+                PRIORITY_RANK.get(a.request.priority, 1),
+                len(a.seq.rest) if a.seq is not None else 0,
+                a.started_at,
+            ),
+        )
+
+    def _prefill_or_fail(self, slot: _Slot, rows: list[_Active], n: int) -> bool:
+        """_prefill_group; if it raises, its requests end with the error. Whether it ran."""
+        try:
+            self._prefill_group(slot, rows, n)
+        except Exception as e:
+            self._fail_prefill(rows, e)
+            return False
+        return True
+
+    def _fail_prefill(self, rows: list[_Active], error: Exception) -> None:
+        """A prefill pass raised: its requests end with the error."""
+        logger.exception("request %s: prefill failed", rows[0].request.id)
+        for failed in rows:
+            self._finish(failed, "error", error=f"prefill failed: {_describe(error)}")
+
+    def _prefill_group(self, slot: _Slot, rows: list[_Active], n: int) -> None:
+        """Run the next `n` prompt tokens of `rows` (requests whose caches hold the same number
+        of tokens) through the model in a pass of their own."""
+        with self._on_stream():
+            run = self._chunk_start(slot, rows, n)
+            self._chunk_finish(slot, run, self._own_pass(slot, run))
+
+    def _own_pass(self, slot: _Slot, run: _ChunkRun) -> Any:
+        """`run` through the model in a pass of its own: the logits at its last prompt token,
+        (rows, vocab). Only that position goes through the output head where the model allows
+        (inference.fused): the model's own call projects every position, a fifth of a short
+        prompt's cost for SmolLM2 on the CPU (mlx-lm's generate_step avoids it by feeding the
+        last token alone, a second pass)."""
+        from inference import fused
+
+        if isinstance(slot.generator.model, fused.RidingModel):
+            (logits,) = fused.forward(slot.loaded.model, [(run.tokens, run.cache, run.n - 1)])
+            return logits
+        return slot.loaded.model(run.tokens, cache=run.cache)[:, run.n - 1, :]
+
+    def _chunk_start(self, slot: _Slot, rows: list[_Active], n: int) -> _ChunkRun:
+        """The input of a prefill pass over the next `n` prompt tokens of `rows`: their tokens
+        (padded to the shape granule where the cache can be cut back) and the cache the pass
+        writes: the request's own for one row, else a batch of the rows' caches."""
         import mlx.core as mx
         from mlx_lm.models.cache import KVCache
 
         seqs = [a.seq for a in rows if a.seq is not None]
         assert len(seqs) == len(rows)
         offset = len(seqs[0].fed)
-        batched: list[Any] = []
-        for i in range(len(seqs[0].cache)):
-            layer = KVCache()
-            if offset:
-                # A layer's arrays may be longer than its tokens (grown in steps, or trimmed).
-                own = [s.cache[i] for s in seqs]
-                layer.keys = mx.concatenate([c.keys[..., :offset, :] for c in own], axis=0)
-                layer.values = mx.concatenate([c.values[..., :offset, :] for c in own], axis=0)
-                layer.offset = offset
-            batched.append(layer)
         pieces = [s.rest[:n] for s in seqs]
+        cache: list[Any]
+        if len(seqs) == 1:
+            cache = seqs[0].cache
+            inputs = [self._padded(pieces[0]) if _plain_caches(cache) else pieces[0]]
+        else:
+            # The rows' caches are cut at offset + n in _chunk_finish: padding never reaches them.
+            cache = []
+            for i in range(len(seqs[0].cache)):
+                layer = KVCache()
+                if offset:
+                    # A layer's arrays may be longer than its tokens (grown in steps, or trimmed).
+                    own = [s.cache[i] for s in seqs]
+                    layer.keys = mx.concatenate([c.keys[..., :offset, :] for c in own], axis=0)
+                    layer.values = mx.concatenate([c.values[..., :offset, :] for c in own], axis=0)
+                    layer.offset = offset
+                cache.append(layer)
+            inputs = [self._padded(piece) for piece in pieces]
+        return _ChunkRun(rows, seqs, pieces, n, offset, mx.array(inputs, dtype=mx.uint32), cache)
+
+    def _chunk_finish(self, slot: _Slot, run: _ChunkRun, logits: Any) -> None:
+        """After the pass (`logits`: each row's at its last prompt token, (rows, vocab)): each
+        row's cache back, the draft model fed, and a row whose prompt ended here samples and
+        emits its first token. Called inside the engine's stream."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
+
+        n, seqs, offset = run.n, run.seqs, run.offset
         sampled: dict[int, tuple[Any, Any]] = {}
-        with self._on_stream():
-            logits = slot.loaded.model(mx.array(pieces, dtype=mx.uint32), cache=batched)
-            for j, (seq, piece) in enumerate(zip(seqs, pieces, strict=True)):
-                if n == len(seq.rest):
-                    sampled[j] = self._sample(seq, logits[j : j + 1, -1, :], seq.fed + piece)
-                rows_cache = []
-                for layer in batched:
+        for j, (seq, piece) in enumerate(zip(seqs, run.pieces, strict=True)):
+            if n == len(seq.rest):
+                sampled[j] = self._sample(seq, logits[j : j + 1], seq.fed + piece)
+        wait: list[Any] = list(sampled.values())
+        if len(seqs) == 1:
+            seq = seqs[0]
+            padding = int(run.tokens.shape[1]) - n
+            if padding:
+                # The padding's keys and values lie past the cache's offset: overwritten next.
+                for layer in seq.cache:
+                    layer.offset -= padding
+            wait += [c.state for c in seq.cache]
+            if seq.draft_cache is not None:
+                assert slot.draft is not None
+                seq.draft_lag.extend(run.pieces[0])
+                m = min(len(seq.draft_lag), n + DRAFT_CATCH_UP)
+                feed, seq.draft_lag = seq.draft_lag[:m], seq.draft_lag[m:]
+                if feed:
+                    slot.draft.model(mx.array([feed], dtype=mx.uint32), cache=seq.draft_cache)
+                    wait += [c.state for c in seq.draft_cache]
+        else:
+            for j, seq in enumerate(seqs):
+                own = []
+                for layer in run.cache:
                     row = KVCache()
                     row.keys = layer.keys[j : j + 1, :, : offset + n, :]
                     row.values = layer.values[j : j + 1, :, : offset + n, :]
                     row.offset = offset + n
-                    rows_cache.append(row)
-                seq.cache = rows_cache
-            mx.eval([(c.keys, c.values) for s in seqs for c in s.cache] + list(sampled.values()))
-        for j, (active, seq, piece) in enumerate(zip(rows, seqs, pieces, strict=True)):
+                    own.append(row)
+                seq.cache = own
+                wait += [(c.keys, c.values) for c in own]
+        mx.eval(wait)
+        for j, (active, seq, piece) in enumerate(zip(run.rows, seqs, run.pieces, strict=True)):
             active.prefill_chunks += 1
-            active.prefill_rows = max(active.prefill_rows, len(rows))
+            active.prefill_rows = max(active.prefill_rows, len(seqs))
             seq.fed.extend(piece)
             seq.rest = seq.rest[n:]
             if j in sampled:
@@ -1683,38 +1955,6 @@ class Engine:
                 seq.rest = [first]
                 seq.prefilled = True
                 self._emit_token(active, first, logprobs)
-
-    def _prefill_chunk(self, slot: _Slot, active: _Active, n: int) -> None:
-        """Run `n` prompt tokens through the model on the request's own cache; the last
-        chunk samples and emits the first token."""
-        import mlx.core as mx
-
-        seq = active.seq
-        assert seq is not None
-        piece, final = seq.rest[:n], n == len(seq.rest)
-        active.prefill_chunks += 1
-        with self._on_stream():
-            logits = slot.loaded.model(mx.array([piece], dtype=mx.uint32), cache=seq.cache)
-            wait: list[Any] = [c.state for c in seq.cache]
-            if seq.draft_cache is not None:
-                assert slot.draft is not None
-                seq.draft_lag.extend(piece)
-                m = min(len(seq.draft_lag), n + DRAFT_CATCH_UP)
-                feed, seq.draft_lag = seq.draft_lag[:m], seq.draft_lag[m:]
-                if feed:
-                    slot.draft.model(mx.array([feed], dtype=mx.uint32), cache=seq.draft_cache)
-                    wait += [c.state for c in seq.draft_cache]
-            if final:
-                token, logprobs = self._sample(seq, logits[:, -1, :], seq.fed + piece)
-                wait += [token, logprobs]
-            mx.eval(wait)
-        seq.fed.extend(piece)
-        seq.rest = seq.rest[n:]
-        if final:
-            first = int(token.item())
-            seq.rest = [first]
-            seq.prefilled = True
-            self._emit_token(active, first, logprobs)
 
     def _sample(self, seq: _Seq, logits: Any, context: list[int] | Any) -> tuple[Any, Any]:
         """Sample one token from a (1, vocab) row after the request's processors; `context`
@@ -1727,6 +1967,12 @@ class Engine:
                 logits = processor(tokens, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return seq.sampler(logprobs), logprobs[0]
+
+    def _padded(self, piece: list[int]) -> list[int]:
+        """`piece` padded (with its last token) to a multiple of the shape granule. Padding goes
+        after the prompt's tokens, so under the causal mask no real token attends to it."""
+        extra = -len(piece) % self._granule
+        return piece + piece[-1:] * extra if extra else piece
 
     def _on_stream(self) -> Any:
         """The engine thread's stream, as a context (every model call of this engine)."""
@@ -1761,19 +2007,26 @@ class Engine:
 
         seq = active.seq
         assert seq is not None
-        if seq.draft_cache is not None and seq.next is None:
+        drafting = seq.draft_cache is not None
+        if drafting and seq.next is None and active.tokens >= SPEC_PLAIN_TOKENS:
             self._spec_step(slot, active)
             return
         began = time.perf_counter()
+        steady = seq.next is not None  # a token was computed ahead: this step is pipelined
         model = slot.loaded.model
         with self._on_stream():
             if seq.next is None:
                 feed = seq.rest.pop()
                 logits = model(mx.array([[feed]], dtype=mx.uint32), cache=seq.cache)
                 seq.fed.append(feed)
+                if drafting:
+                    seq.draft_lag.append(feed)
                 seq.next, seq.next_logprobs = self._sample(seq, logits[:, -1, :], seq.fed)
             y, logprobs = seq.next, seq.next_logprobs
-            ahead = active.tokens + 1 < seq.max_tokens
+            # With a draft, nothing is computed ahead of the step that hands over to it.
+            ahead = active.tokens + 1 < seq.max_tokens and not (
+                drafting and active.tokens + 1 >= SPEC_PLAIN_TOKENS
+            )
             if ahead:
                 logits = model(y[None], cache=seq.cache)
                 context: Any = None
@@ -1786,13 +2039,17 @@ class Engine:
             token = int(y.item())
         if ahead:
             seq.fed.append(token)
+            if drafting:
+                seq.draft_lag.append(token)
         else:
             seq.rest = [token]
         self._emit_token(active, token, logprobs)
-        elapsed = time.perf_counter() - began
-        slot.solo_token_s = (
-            elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
-        )
+        if steady and ahead:
+            # What a token costs on this path, the one speculation is judged against.
+            elapsed = time.perf_counter() - began
+            slot.solo_token_s = (
+                elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
+            )
 
     def _spec_step(self, slot: _Slot, active: _Active) -> None:
         """Speculative decoding: the draft proposes up to num_draft_tokens greedily, the model
@@ -1805,8 +2062,6 @@ class Engine:
         assert seq is not None and seq.draft_cache is not None and slot.draft is not None
         feed = seq.rest.pop()
         k = min(slot.num_draft_tokens, seq.max_tokens - active.tokens - 1)
-        if active.spec_steps % SPEC_BASELINE_EVERY == SPEC_BASELINE_EVERY - 1:
-            k = 0  # a plain step, to measure what the draft gains
         began = time.perf_counter()
         with self._on_stream():
             drafts: list[Any] = []
@@ -1849,23 +2104,39 @@ class Engine:
             emitted += 1
             if active.finished:
                 break
-        if k == 0:
-            slot.solo_token_s = (
-                elapsed if not slot.solo_token_s else 0.8 * slot.solo_token_s + 0.2 * elapsed
-            )
-        else:
+        if k:
             active.spec_rounds += 1
             active.spec_drafted += k
             active.spec_accepted += accepted
             active.spec_tokens += emitted
             active.spec_s += elapsed
         active.spec_steps += 1
+        if (
+            active.spec_rounds >= SPEC_JUDGE_ROUNDS
+            and slot.solo_token_s
+            and active.spec_s / active.spec_tokens > slot.solo_token_s
+            and not active.finished
+        ):
+            # The draft loses here: the rest of the reply decodes on the plain path.
+            seq.draft_cache = None
+            seq.draft_lag = []
+            active.spec_dropped_at = active.tokens
+            logger.info(
+                "request %s: draft dropped after %d rounds (%.1f ms a token with it, %.1f "
+                "without)",
+                active.request.id,
+                active.spec_rounds,
+                active.spec_s / active.spec_tokens * 1000,
+                slot.solo_token_s * 1000,
+            )
 
     def _details(self, active: _Active) -> dict[str, Any]:
         details: dict[str, Any] = {
             "decode_path": "+".join(active.paths),
             "prefill_chunks": active.prefill_chunks,
             "prefill_rows": active.prefill_rows,
+            "prefill_fused": active.prefill_fused,
+            "prefill_ahead": active.prefill_ahead,
         }
         if active.first_token_at and active.submitted_at:
             # started_at: when _admit had the prompt and its cache.
@@ -1884,13 +2155,15 @@ class Engine:
                 "accepted": active.spec_accepted,
                 "acceptance_rate": round(active.spec_accepted / active.spec_drafted, 4),
                 "tokens_per_step": round(active.spec_tokens / max(1, active.spec_rounds), 3),
-                # Against a plain one-stream step of the same model, measured now and then
-                # (SPEC_BASELINE_EVERY); None until one was.
+                # Against a token of the plain one-stream path of the same model (each reply's
+                # first SPEC_PLAIN_TOKENS); None until one was measured.
                 "speedup": (
                     round(slot.solo_token_s / per_token, 3)
                     if slot.solo_token_s and per_token
                     else None
                 ),
+                # The tokens written when the draft was dropped as a loss; None if it was not.
+                "dropped_after": active.spec_dropped_at or None,
             }
         return details
 
@@ -1928,7 +2201,6 @@ class Engine:
             draft_id,
             slot.num_draft_tokens,
         )
-
 
     def _on_token(self, active: _Active, response: Any, now: float) -> None:
         active.tokens += 1
@@ -2221,6 +2493,31 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _prefill_budget(target: float, decode_s: float) -> float:
+    """Seconds of prefill a step may add after a decode step of `decode_s`: what the target
+    leaves, and at least MIN_PREFILL_SHARE of the target (or of the decode step, when that is
+    longer), so a prompt always moves."""
+    return max(target - decode_s, max(target, decode_s) * MIN_PREFILL_SHARE)
+
+
+def _same_offset(active: _Active, order: list[_Active], taken: set[int]) -> list[_Active]:
+    """`active` and, when it may prefill as a row of a batch, the other prompts of `order` not
+    yet `taken` whose caches hold as many tokens as its own."""
+    seq = active.seq
+    if seq is None or not _may_prefill_together(seq):
+        return [active]
+    return [active] + [
+        other
+        for other in order
+        if other is not active
+        and id(other) not in taken
+        and not other.finished
+        and other.seq is not None
+        and len(other.seq.fed) == len(seq.fed)
+        and _may_prefill_together(other.seq)
+    ]
 
 
 def _may_prefill_together(seq: _Seq) -> bool:
@@ -2556,6 +2853,31 @@ def _safe_reply(reply: EmbeddingReply, result: EmbeddingResult) -> None:
         reply(result)
     except Exception:
         logger.exception("embedding reply handler failed")
+
+
+def _on_cuda() -> bool:
+    import mlx.core as mx
+
+    return (
+        mx.default_device() == mx.gpu and bool(getattr(mx, "cuda", None)) and mx.cuda.is_available()
+    )
+
+
+def _plain_caches(cache: list[Any]) -> bool:
+    """Whether every layer is mlx-lm's plain KVCache (cut back by moving its offset)."""
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(layer) is KVCache for layer in cache)
+
+
+def _prefer_mlx_attention() -> None:
+    """On CUDA, MLX's attention uses cuDNN, which builds a graph for each new pair of query and
+    key lengths the first time it meets one: 60-110 ms on an H100, paid by every prompt of a new
+    length or at a new cached offset (a lone request's TTFT 73-110 ms against 15 ms once the
+    shape was seen; docs/benchmarks.md). MLX's own attention kernels have no such cost and run a
+    warm prefill within a few milliseconds of cuDNN's, so they are used unless the environment
+    says otherwise. MLX reads the variable once, at the process's first attention call."""
+    os.environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "0")
 
 
 def _safe_emit(emit: Emit, event: EngineEvent) -> None:

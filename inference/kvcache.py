@@ -524,6 +524,10 @@ class PromptCacheStore:
     model_key: str
     settings: KVCacheSettings
     disk: DiskKVStore | None = None
+    # Reuse prefixes in multiples of this many tokens (a trimmable cache is cut back to one): on
+    # CUDA, prompts resuming at a few distinct offsets prefill together and meet shapes seen
+    # before (inference.engine.CUDA_SHAPE_GRANULE).
+    align: int = 1
     _entries: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)
     _nbytes: int = 0
     _next_id: int = 0
@@ -564,6 +568,8 @@ class PromptCacheStore:
                 loaded = self._load(record, origin="disk")
                 if loaded is not None:
                     reuse, entry = disk_reuse, loaded
+        if entry is not None and self.align > 1 and entry.trimmable:
+            reuse -= reuse % self.align
         if entry is None or reuse == 0:
             return CacheHit(None, list(prompt), "none")
         for k, e in self._entries.items():

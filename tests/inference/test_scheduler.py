@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from inference import fused
 from inference.catalogue import Catalogue
 from inference.engine import Delta, Engine, EngineEvent, GenerationRequest
 from inference.schemas import GenerationParams
@@ -106,12 +107,25 @@ def test_a_long_prompt_does_not_hold_back_a_short_one(make_engine: Callable[...,
     assert long.finished.details["prefill_chunks"] >= long.finished.prompt_tokens // 16
 
 
-def test_chunks_stay_within_max_batch_tokens(make_engine: Callable[..., Engine]) -> None:
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_chunks_stay_within_max_batch_tokens(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch, fuse: bool
+) -> None:
     engine = make_engine(max_batch_tokens=24)
+    engine.fuse_prefill = fuse
     engine.load("tiny")
     slot = engine._slots["tiny"]
     recording = RecordingModel(slot.loaded.model)
     slot.loaded.model = recording  # type: ignore[assignment]
+    # A chunk that rides a decode pass (inference.fused) is counted with the pass's rows.
+    passes: list[list[tuple[int, int]]] = []
+    forward = fused.forward
+
+    def recording_forward(model: Any, segments: list[Any]) -> list[Any]:
+        passes.append([(int(t.shape[0]), int(t.shape[1])) for t, _, _ in segments])
+        return forward(model, segments)
+
+    monkeypatch.setattr(fused, "forward", recording_forward)
     # Two streams decode while the long prompt prefills: its chunks leave room for their rows.
     chats = [ask(engine, SHORT, Recorder(), max_tokens=400) for _ in range(2)]
     wait_until(lambda: all(len(c.deltas) >= 2 for c in chats), timeout=30, what="two streams")
@@ -120,14 +134,25 @@ def test_chunks_stay_within_max_batch_tokens(make_engine: Callable[..., Engine])
     for chat in chats:
         engine.cancel(chat.events[0].request_id)
         chat.wait()
-    chunks = [w for w in recording.widths if w > 1]
+    # A pass of one segment is a prompt's own (inference.fused computes only its last logits);
+    # in a pass of several, the first segment is the decode batch.
+    riders = [
+        width
+        for segments in passes
+        for _, width in (segments if len(segments) == 1 else segments[1:])
+    ]
+    chunks = [w for w in recording.widths if w > 1] + riders
     assert chunks, recording.widths
     assert max(chunks) <= 24
+    assert all(sum(rows * width for rows, width in segments) <= 24 for segments in passes)
     prompt_tokens = long.finished.prompt_tokens
     short_prompts = 2 * chats[0].finished.prompt_tokens
-    assert sum(recording.widths) >= prompt_tokens + short_prompts
+    assert sum(recording.widths) + sum(riders) >= prompt_tokens + short_prompts
     # While both chats decoded, the long prompt's chunks took at most 24 - 2 tokens.
     assert long.finished.details["prefill_chunks"] >= prompt_tokens // 22
+    # Fused: once the decode step's cost was measured, the chunks rode its passes.
+    fused_chunks = long.finished.details["prefill_fused"]
+    assert fused_chunks > long.finished.details["prefill_chunks"] // 2 if fuse else not fused_chunks
 
 
 def test_interactive_requests_prefill_before_batch_ones(
@@ -198,11 +223,21 @@ def test_a_solo_stream_keeps_its_logprobs_and_stop_strings(
 
 
 class RecordingRows(RecordingModel):
-    """The model, recording the shape of every call: (rows, tokens)."""
+    """The model, recording the shape of every call: (rows, tokens), and of every prompt's own
+    pass through inference.fused.forward (the model's blocks, without its call: only the last
+    position's logits)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(model)
         self.shapes: list[tuple[int, int]] = []
+        forward = fused.forward
+
+        def recording_forward(model: Any, segments: list[Any]) -> list[Any]:
+            if model is self:  # a pass of the engine's own, not a decode pass carrying riders
+                self.shapes += [(int(t.shape[0]), int(t.shape[1])) for t, _, _ in segments]
+            return forward(model, segments)
+
+        monkeypatch.setattr(fused, "forward", recording_forward)
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         self.shapes.append((int(inputs.shape[0]), int(inputs.shape[1])))
@@ -210,7 +245,7 @@ class RecordingRows(RecordingModel):
 
 
 def test_prompts_that_wait_together_prefill_as_rows_of_one_batch(
-    make_engine: Callable[..., Engine],
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     questions = [
         "Tell me a story.",
@@ -221,7 +256,7 @@ def test_prompts_that_wait_together_prefill_as_rows_of_one_batch(
     engine = make_engine(max_batch_tokens=64)
     engine.load("tiny")
     slot = engine._slots["tiny"]
-    recording = RecordingRows(slot.loaded.model)
+    recording = RecordingRows(slot.loaded.model, monkeypatch)
     slot.loaded.model = recording  # type: ignore[assignment]
     # One at a time: each prefills alone (and the engine learns its prefill speed).
     alone = [
@@ -276,3 +311,77 @@ def test_prompts_that_share_a_cached_prefix_prefill_their_rest_together(
     for one, other in zip(alone, together, strict=True):
         assert other.finished.finish_reason == one.finished.finish_reason == "max_tokens"
         assert other.text == one.text
+
+
+def test_cuda_shapes_pad_chunks_and_align_prefixes_without_changing_the_text(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA every new prefill length costs a graph build, so chunks are padded to a multiple
+    # of CUDA_SHAPE_GRANULE and kept prefixes reused in multiples of it. The padding lies past
+    # each cache's tokens and the cut prefix is prefilled again: the text must not change.
+    import inference.engine as engine_module
+
+    plain = make_engine(prompt_cache_entries=16, max_batch_tokens=96)
+    plain.load("tiny")  # its thread has read the device before the patch below
+    monkeypatch.setattr(engine_module, "_on_cuda", lambda: True)
+    padded = make_engine(prompt_cache_entries=16, max_batch_tokens=96)
+    padded.load("tiny")
+    granule = engine_module.CUDA_SHAPE_GRANULE
+    slot = padded._slots["tiny"]
+    recording = RecordingRows(slot.loaded.model, monkeypatch)
+    slot.loaded.model = recording  # type: ignore[assignment]
+    system = {"role": "system", "content": "You are a helpful assistant. " * 15}
+
+    def chat(question: str) -> list[dict[str, Any]]:
+        return [system, {"role": "user", "content": question}]
+
+    questions = [f"Question {i}: " + "why is that so " * (3 * i + 1) for i in range(3)]
+    texts: dict[Engine, list[str]] = {}
+    for engine in (plain, padded):
+        first = ask(engine, chat("A first question."), Recorder(), max_tokens=12).wait()
+        alone = [ask(engine, chat(q), Recorder(), max_tokens=12).wait() for q in questions]
+        together = [Recorder() for _ in questions]
+        for question, recorder in zip(questions, together, strict=True):
+            ask(engine, chat(question), recorder, max_tokens=12)
+        texts[engine] = [r.wait().text for r in [first, *alone, *together]]
+        if engine is padded:
+            cached = [r.started.cached_tokens for r in alone + together if r.started]
+            assert cached and all(n % granule == 0 for n in cached) and max(cached) > 0
+    assert texts[padded] == texts[plain]
+    prefills = [(rows, width) for rows, width in recording.shapes if width > 1]
+    assert prefills and all(width % granule == 0 for _, width in prefills)
+
+
+def test_chunks_riding_decode_passes_write_the_same_text(
+    make_engine: Callable[..., Engine],
+) -> None:
+    # The long prompt prefills while two chats decode: with fusion its chunks go through the
+    # chats' decode passes (inference.fused), without it each is a pass of its own. Every
+    # reply is the same greedy text either way.
+    texts = []
+    for fuse in (True, False):
+        engine = make_engine(max_batch_tokens=48)
+        engine.fuse_prefill = fuse
+        chats = [
+            ask(engine, [{"role": "user", "content": q}], Recorder(), max_tokens=40)
+            for q in ("Say hi.", "Name a colour.")
+        ]
+
+        def both_streaming(streaming: list[Recorder] = chats) -> bool:
+            return all(len(c.deltas) >= 2 for c in streaming)
+
+        wait_until(both_streaming, timeout=30, what="two streams")
+        long = ask(engine, [{"role": "user", "content": LONG_TEXT[:1500]}], Recorder())
+        short = ask(engine, [{"role": "user", "content": "Why?"}], Recorder())
+        replies = [r.wait() for r in [*chats, long, short]]
+        fused_chunks = long.finished.details["prefill_fused"]
+        assert fused_chunks > 0 if fuse else fused_chunks == 0
+        # The short question's prompt fits the step: with fusion it goes through the model
+        # whole just before a decode pass (its first token sooner); without, chunks follow it.
+        ahead = short.finished.details["prefill_ahead"]
+        if fuse:
+            assert (ahead, short.finished.details["prefill_chunks"]) == (1, 1)
+        else:
+            assert ahead == 0
+        texts.append([r.text for r in replies])
+    assert texts[0] == texts[1]

@@ -143,6 +143,32 @@ def test_the_draft_itself_is_always_accepted(make_engine: Callable[..., Engine])
     assert stats["tokens_per_step"] > 2
 
 
+def test_a_draft_that_loses_is_dropped_and_the_text_stays(
+    make_engine: Callable[..., Engine],
+) -> None:
+    plain = make_engine(draft=False)
+    engine = make_engine(num_draft_tokens=4)
+    run(engine, PROMPTS[0], max_tokens=4)  # loads the model and its draft
+    # The draft's logits negated: it proposes the token it rates least, never what the model
+    # writes, and each round costs its 4 passes and a verify pass for one token.
+    draft = engine._slots["tiny"].draft
+    assert draft is not None
+    import mlx.core as mx
+
+    draft.model.model.norm.weight = -draft.model.model.norm.weight
+    mx.eval(draft.model.model.norm.weight)  # here, not lazily in the engine's thread
+    expected = run(plain, PROMPTS[1], max_tokens=48)
+    got = run(engine, PROMPTS[1], max_tokens=48)
+    assert got.text == expected.text
+    assert got.finished.completion_tokens == expected.finished.completion_tokens
+    stats = got.finished.details["speculative"]
+    assert stats["acceptance_rate"] < 0.2
+    # The first SPEC_PLAIN_TOKENS tokens decode without the draft (its baseline), then
+    # SPEC_JUDGE_ROUNDS rounds with it: it was dropped there, and the rest went without it.
+    assert stats["dropped_after"] == 8 + 8 + stats["accepted"]
+    assert stats["drafted"] == 8 * 4 and stats["speedup"] < 1
+
+
 def test_it_stops_exactly_at_max_tokens_and_samples(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine(num_draft_tokens=4)
     for max_tokens in (1, 2, 5, 13):

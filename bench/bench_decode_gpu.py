@@ -1,0 +1,143 @@
+"""One stream's decode, the engine against raw `stream_generate`, in pairs in one process.
+
+`bench_engine_gpu.py` measures raw mlx-lm and the engine in separate processes, one after the
+other; on an H100 raw's own one-stream decode moved between 121 and 161 tok/s from one such
+process to the next, so a ratio of two separate medians says little. Here one process builds (or
+reuses) one model, loads it twice (once for raw mlx-lm, once through the engine's catalogue) and
+alternates: raw, engine, raw, engine... Each pair's ratio is taken within the pair; the report
+gives every pair and their median.
+
+MLX reads its CUDA attention switch once per process, so `--cudnn-sdpa` sets it for both systems
+before MLX loads (the engine's own default is 0; see inference/engine.py). Decode alone is
+compared: one token a step, on the model's only stream (the engine's solo path).
+
+    python3 bench/bench_decode_gpu.py --shape llama3-8b --format bf16 --pairs 7 --max-tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("bench_decode_gpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--format", default="bf16", choices=("bf16", "q8", "q4"))
+    parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--prompt-words", type=int, default=120)
+    parser.add_argument("--cudnn-sdpa", choices=("0", "1"), default="0")
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--tokenizer-dir", type=Path, default=ROOT / ".bench/tokenizer")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.pairs < 1 or args.max_tokens < 2:
+        parser.error("--pairs must be >= 1 and --max-tokens >= 2")
+    os.environ["MLX_CUDA_USE_CUDNN_SDPA"] = args.cudnn_sdpa
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("inference").setLevel(logging.WARNING)
+
+    import bench_engine_gpu as bench
+    from mlx_lm import load
+
+    from inference.catalogue import Catalogue, model_id_for_dir
+    from inference.engine import Engine
+    from mlxweb.config import Config, ServerConfig
+
+    settings = bench.parse_args(
+        [
+            "--shapes", args.shape, "--formats", args.format, "--streams", "1",
+            "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
+        ]
+    )  # fmt: skip
+    tokenizer_dir = bench.ensure_tokenizer(args.tokenizer_dir)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-decode-gpu-"))
+    model_dir = work / "models" / f"{args.shape}-{args.format}"
+    if not (model_dir / "config.json").is_file():
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        bench.build_model(args.shape, args.format, tokenizer_dir, model_dir)
+    model, tokenizer = load(str(model_dir))[:2]
+    model_id = model_id_for_dir(model_dir.name)
+    config = Config(
+        server=ServerConfig(default_model=model_id, models_dir=model_dir.parent), models={}
+    )
+    engine = Engine(
+        catalogue=Catalogue(config, model_dir.parent),
+        converted_dir=model_dir.parent / ".converted",
+        max_loaded_models=1,
+        max_new_tokens=args.max_tokens,
+    )
+    engine.start()
+    rows: list[tuple[float, float, float, float]] = []
+    try:
+        engine.load(model_id)
+        # warm-ups: every shape either system meets
+        bench.raw_single(model, tokenizer, args.max_tokens, args.prompt_words)
+        bench.engine_run(engine, model_id, 1, args.max_tokens, settings)
+        for i in range(args.pairs):
+            raw = bench.raw_single(model, tokenizer, args.max_tokens, args.prompt_words)
+            ours = bench.engine_run(engine, model_id, 1, args.max_tokens, settings).streams[0]
+            for name, run in (("raw", raw), ("engine", ours)):
+                if run.finish != "length":
+                    raise RuntimeError(f"{name} ended early ({run.finish}, {run.tokens} tokens)")
+            rows.append((raw.decode_tps, ours.decode_tps, raw.ttft_s, ours.ttft_s))
+            logger.info(
+                "pair %d: raw %.1f tok/s, engine %.1f (%.3fx)",
+                i + 1,
+                raw.decode_tps,
+                ours.decode_tps,
+                ours.decode_tps / raw.decode_tps,
+            )
+    finally:
+        engine.stop(timeout=60)
+    report = render(args, rows)
+    sys.stdout.write(report)
+    if args.output is not None:
+        args.output.write_text(report)
+    return 0
+
+
+def render(args: argparse.Namespace, rows: list[tuple[float, float, float, float]]) -> str:
+    import mlx.core as mx
+
+    lines = [
+        f"One stream, {args.shape} {args.format}, {args.max_tokens} tokens, greedy, "
+        f"MLX_CUDA_USE_CUDNN_SDPA={args.cudnn_sdpa}, device {mx.default_device()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| pair | raw tok/s | engine tok/s | engine / raw | raw TTFT ms | engine TTFT ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, (raw, ours, raw_ttft, our_ttft) in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {raw:.1f} | {ours:.1f} | {ours / raw:.3f} | "
+            f"{raw_ttft * 1000:.1f} | {our_ttft * 1000:.1f} |"
+        )
+    ratios = [ours / raw for raw, ours, _, _ in rows]
+    lines += [
+        "",
+        f"median engine / raw: {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f}); raw median "
+        f"{statistics.median(r[0] for r in rows):.1f} tok/s, engine median "
+        f"{statistics.median(r[1] for r in rows):.1f}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
