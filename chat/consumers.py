@@ -70,11 +70,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(conversation.group_name, self.channel_name)
         await self.channel_layer.group_add(services.title_group(conversation), self.channel_name)
         await self.accept()
-        # A title that finished while no tab was open is applied now; one that is due (the
-        # first reply ended with no tab open) starts now.
-        if await database_sync_to_async(services.title_apply)(conversation=conversation):
-            await self._send_sidebar()
-        await self._title_after_reply()
         # A reply may have streamed on while the page was being rendered: ask the worker for
         # the exact text so far. Deltas that arrive before the snapshot are overwritten by it.
         for reply in await database_sync_to_async(services.active_replies)(
@@ -98,6 +93,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if last.generation is not None and not last.generation.is_active:
                 await self.send(text_data=await database_sync_to_async(frames.reply_frame)(last))
             await self._advance_tools(last)
+        # A title that finished while no tab was open is applied now; one that is due (the
+        # first reply ended with no tab open) starts now. After the tool loop: a step waiting
+        # for the user's approval is theirs to see first; the title is a nicety.
+        if await database_sync_to_async(services.title_apply)(conversation=conversation):
+            await self._send_sidebar()
+        await self._title_after_reply()
 
     async def disconnect(self, code: int) -> None:
         # Leaving never stops a reply: the worker finishes and saves it.
@@ -265,7 +266,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _run_step(self, reply: Message, step: ToolStep) -> None:
         try:
-            await database_sync_to_async(services.tool_step_run, thread_sensitive=False)(step=step)
+            if not await database_sync_to_async(services.tool_step_claim)(step=step):
+                return
+            await self._broadcast_reply(reply)  # every tab shows it running
+            try:
+                await database_sync_to_async(services.tool_step_run, thread_sensitive=False)(
+                    step=step
+                )
+            except Exception as e:  # the step ends failed rather than running for ever
+                logger.exception("tool step %s could not finish", step.code)
+                await database_sync_to_async(services.tool_step_fail)(step=step, error=str(e))
             await self._broadcast_reply(reply)
             await self._continue(reply)
         except Exception:

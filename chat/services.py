@@ -486,14 +486,48 @@ def tool_step_decide(*, conversation: Conversation, step_code: str, decision: st
     return step
 
 
-def tool_step_run(*, step: ToolStep) -> ToolStep:
-    """Run a queued step (claimed first, so only one caller runs it) and record its result.
-    Synchronous and slow: call it off the event loop."""
+def tool_step_claim(*, step: ToolStep) -> bool:
+    """Mark a queued step running; True for the one caller that did (every open tab tries),
+    which then runs it with `tool_step_run`."""
     claimed = ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.QUEUED).update(
         state=ToolStep.State.RUNNING
     )
     step.refresh_from_db()
-    if not claimed:
+    return bool(claimed)
+
+
+def _step_end(
+    step: ToolStep,
+    *,
+    ok: bool,
+    text: str,
+    data: dict[str, Any] | None = None,
+    files: list[dict[str, str]] | None = None,
+) -> ToolStep:
+    """Record a running step's result (a step stopped meanwhile keeps its state)."""
+    ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.RUNNING).update(
+        state=ToolStep.State.DONE if ok else ToolStep.State.FAILED,
+        ok=ok,
+        result=text[:MAX_RESULT_CHARS],
+        data=data or {},
+        files=files or [],
+        finished_at=timezone.now(),
+    )
+    step.refresh_from_db()
+    return step
+
+
+def tool_step_fail(*, step: ToolStep, error: str) -> ToolStep:
+    """End a running step that could not finish (its run raised outside the tool: the database,
+    the process), so that the loop goes on and the model hears why."""
+    return _step_end(step, ok=False, text=f"The tool could not finish: {error}")
+
+
+def tool_step_run(*, step: ToolStep) -> ToolStep:
+    """Run a step claimed with `tool_step_claim` (which left it running and refreshed) and
+    record its result; a step in any other state is returned as it is. Synchronous and slow:
+    call it off the event loop."""
+    if step.state != ToolStep.State.RUNNING:
         return step
     conversation = step.message.conversation
     tool = available_tools().get(step.name)
@@ -519,16 +553,7 @@ def tool_step_run(*, step: ToolStep) -> ToolStep:
         else:
             ok, text, data = result.ok, result.text or result.error, result.data
             files = [{"name": f.name, "mime": f.mime, "path": str(f.path)} for f in result.files]
-    ToolStep.objects.filter(pk=step.pk, state=ToolStep.State.RUNNING).update(
-        state=ToolStep.State.DONE if ok else ToolStep.State.FAILED,
-        ok=ok,
-        result=text[:MAX_RESULT_CHARS],
-        data=data,
-        files=files,
-        finished_at=timezone.now(),
-    )
-    step.refresh_from_db()
-    return step
+    return _step_end(step, ok=ok, text=text, data=data, files=files)
 
 
 @transaction.atomic

@@ -13,6 +13,9 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import User
 from django.test import Client
 
+# Before anything imports grpc: its fork handlers off in this process too, which runs gRPC
+# servers and then forks sandboxes as another user (inference/grpc/__init__.py says why).
+import inference.grpc  # noqa: F401
 from inference import worker as inference_worker
 from inference.catalogue import reset_catalogue
 from inference.services import model_fetch
@@ -54,14 +57,16 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A test that failed (or whose fixtures failed) while live sites ran
     (tests.support.live.Site) reports the end of each of their processes' logs: what the server
-    did is otherwise lost with its temporary folder."""
+    did is otherwise lost with its temporary folder. A web server still running writes its threads'
+    stacks there first (`manage.py serve` dumps them on SIGUSR1)."""
     report = yield
     if report.failed:
         from tests.support.live import RUNNING
 
         for index, site in enumerate(RUNNING):
+            site.dump_threads()
             for log in sorted(site.log_dir.glob("*.log")):
-                tail = log.read_text(errors="replace")[-6000:]
+                tail = log.read_text(errors="replace")[-10000:]
                 report.sections.append((f"live site {index}: {log.name} (its end)", tail))
     return report
 

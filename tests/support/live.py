@@ -143,6 +143,25 @@ class Site:
         if self in RUNNING:
             RUNNING.remove(self)
 
+    def dump_threads(self, timeout: float = 3.0) -> None:
+        """Have each running `serve` process write its threads' stacks to its log, and wait
+        (up to `timeout`) until the log stops growing."""
+        for name, process in self.processes.items():
+            serving = isinstance(process.args, list) and "serve" in process.args
+            if process.poll() is not None or not serving:
+                continue
+            path = self.log_dir / f"{name}.log"
+            before = path.stat().st_size if path.exists() else 0
+            os.kill(process.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + timeout
+            size = before
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                now = path.stat().st_size if path.exists() else 0
+                if now > before and now == size:
+                    break
+                size = now
+
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""

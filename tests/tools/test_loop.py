@@ -85,10 +85,15 @@ async def _until(
 
 
 def _settled() -> bool:
-    """The last assistant message has finished and nothing waits."""
+    """The last assistant message has finished with an answer, not with tool calls. (A reply
+    that ended with calls has no steps until a socket records them: "ended and no steps" held
+    for a moment after every round, and a full run once stopped reading there.)"""
     last = Message.objects.filter(role="assistant").select_related("generation").last()
     return bool(
-        last and last.generation and not last.generation.is_active and not last.tool_steps.exists()
+        last
+        and last.generation
+        and not last.generation.is_active
+        and last.generation.finish_reason != Generation.FinishReason.TOOL_CALLS
     )
 
 
@@ -115,6 +120,8 @@ async def test_it_waits_for_approval_runs_the_tool_and_continues(
     frames = await _until(communicator, _settled)
     await step.arefresh_from_db()
     assert step.state == ToolStep.State.DONE
+    # every tab saw it running before its result came
+    assert any('class="tool-step running"' in frame for frame in frames)
     assert step.result.startswith("echoed:")
     assert len(tool.calls) == 1
     assert any("echoed:" in frame for frame in frames)
@@ -136,6 +143,28 @@ async def test_it_waits_for_approval_runs_the_tool_and_continues(
     page = await sync_to_async(client.get)(f"/c/{conversation.code}/")
     html = page.content.decode()
     assert 'class="tool-step done"' in html and "echoed:" in html
+
+
+async def test_a_step_whose_run_breaks_ends_failed_and_the_reply_goes_on(
+    owner, tiny, real_engine, running_worker, monkeypatch
+) -> None:
+    tool = EchoTool(mutating=False)
+    _install(monkeypatch, tool, every_round=False)
+
+    def no_workspace(conversation: Conversation) -> Any:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(services, "workspace_for", no_workspace)
+    conversation = await Conversation.objects.acreate(user=owner, model_id=tiny)
+    communicator = await connected_socket(owner, conversation)
+    await communicator.send_to(text_data=_send("Echo hello"))
+    await _until(communicator, _settled)
+    step = await ToolStep.objects.aget()
+    assert step.state == ToolStep.State.FAILED and not tool.calls
+    assert step.result == "The tool could not finish: No space left on device"
+    # the model heard why and answered
+    assert await Message.objects.filter(role="assistant").acount() == 2
+    await communicator.disconnect()
 
 
 async def test_a_denied_call_goes_back_as_denied(

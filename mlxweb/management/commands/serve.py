@@ -8,7 +8,9 @@ and so does the gRPC server (`grpc.enabled`: its Unix socket, optionally localho
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 from typing import Any
 
 from django.conf import settings
@@ -44,6 +46,9 @@ class Command(BaseCommand):
         if not 1 <= options["port"] <= 65535:
             self.stderr.write(f"--port: {options['port']} is not a TCP port")
             raise SystemExit(2)
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (the server's log): what a
+        # server that stopped answering is waiting for, without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         run_worker = settings.INFERENCE_IN_PROCESS and not options["no_worker"]
         if run_worker:
             runner.prepare()
