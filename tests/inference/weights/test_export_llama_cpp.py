@@ -192,9 +192,14 @@ def test_llama_cpp_s_greedy_tokens_agree_with_ours(
     # F16 holds the source's weights as they are: llama.cpp answers as we do.
     assert shares["f16"][0] >= 0.9 and shares["f16"][1] >= 0.95
     # Q8_0 rounds them once more, and llama.cpp's quantized matmuls round the activations:
-    # answers that reach a near-tie part ways, as the source GGUF's own answers do.
+    # given our answer so far, it ranks our token first as often as on the source GGUF itself.
     assert shares["q8_0"][1] >= 0.9
-    assert shares["q8_0"][0] >= min(0.8, shares["source"][0] - 0.1)
+    assert shares["q8_0"][1] >= shares["source"][1] - 0.02
+    # Answers that reach a near-tie part ways from there, and which ones do depends on the
+    # build's arithmetic: on one build (AMD EPYC, no AVX-512) two of the eight answers parted
+    # ways early, 0.78 against the source's 0.95, with both ranked-first shares at 0.96. A
+    # broken export agrees on next to nothing.
+    assert shares["q8_0"][0] >= 0.6
 
 
 def test_llama_cpp_computes_the_logits_mlx_computes_on_a_tiny_export(tmp_path: Path) -> None:
