@@ -124,6 +124,7 @@ class RedisRegistry:
     `mlxweb:workers` (ids scored by their last beat's time)."""
 
     IDS = "mlxweb:workers"
+    KEY_PREFIX = "mlxweb:worker:"
 
     def __init__(self, url: str, ttl_s: float) -> None:
         import redis
@@ -132,9 +133,9 @@ class RedisRegistry:
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self._claim = self.client.register_script(_CLAIM)
 
-    @staticmethod
-    def _key(worker_id: str) -> str:
-        return f"mlxweb:worker:{worker_id}"
+    @classmethod
+    def _key(cls, worker_id: str) -> str:
+        return f"{cls.KEY_PREFIX}{worker_id}"
 
     def beat(self, beat: Beat) -> bool:
         data = {**asdict(beat), "updated_at": beat.updated_at.isoformat()}

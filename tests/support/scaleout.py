@@ -33,7 +33,7 @@ def registered_workers(url: str = REDIS_URL) -> list[Beat]:
 def forget_workers(url: str = REDIS_URL) -> None:
     """Empty the site's worker registry (as if every worker had been declared dead)."""
     client = redis.Redis.from_url(url)
-    client.delete(RedisRegistry.IDS, *client.keys("mlxweb:worker:*"))
+    client.delete(RedisRegistry.IDS, *client.keys(f"{RedisRegistry.KEY_PREFIX}*"))
 
 
 @contextmanager

@@ -49,9 +49,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("model", help="the model id (configs/models/), served by the group")
-        parser.add_argument(
-            "--size", type=int, default=2, help="members on each host (default: 2)"
-        )
+        parser.add_argument("--size", type=int, default=2, help="members on each host (default: 2)")
         parser.add_argument(
             "--hosts",
             default="127.0.0.1",
