@@ -196,6 +196,22 @@ def _bwrap() -> str | None:
     return shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
 
 
+def _setpriv() -> str | None:
+    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/local/bin")
+
+
+def _as_nobody() -> list[str]:
+    """What starts the sandbox as nobody when the app runs as root: util-linux's setpriv, not
+    Popen's `user=`. With `user=` CPython forks instead of vforking, and fork() runs the
+    process's fork handlers: OpenBLAS's stops its thread pool and waits for it, so a fork while
+    the engine thread multiplies on the CPU hangs both threads for good (it did in CI: a step
+    that never left "Queued", then a reply that never started)."""
+    setpriv = _setpriv()
+    assert setpriv is not None
+    uid, gid = str(SANDBOX_UID), str(SANDBOX_GID)
+    return [setpriv, "--reuid", uid, "--regid", gid, "--clear-groups", "--"]
+
+
 def _walk(
     root: Path, *, limit: int | None = MAX_WORKSPACE_ENTRIES
 ) -> dict[str, tuple[int, int]] | None:
@@ -290,6 +306,8 @@ class PythonTool:
             return "The Python sandbox needs Linux (bubblewrap and namespaces)."
         if _bwrap() is None:
             return "The Python sandbox needs bubblewrap: install it (apt-get install bubblewrap)."
+        if os.geteuid() == 0 and _setpriv() is None:
+            return "The Python sandbox needs setpriv (util-linux) to leave root: install it."
         if not os.access(SYSTEM_PYTHON, os.X_OK):
             return f"The Python sandbox runs the system {SYSTEM_PYTHON}, which is not installed."
         with tempfile.TemporaryDirectory(prefix="mlxweb-sandbox-probe-") as empty:
@@ -447,7 +465,7 @@ class PythonTool:
             # The runner writes the last expression's repr to result_write, inherited through
             # bubblewrap at the same number.
             proc = subprocess.Popen(
-                self._bwrap_args(workspace_fd, result_write),
+                [*(_as_nobody() if as_root else []), *self._bwrap_args(workspace_fd, result_write)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -455,9 +473,6 @@ class PythonTool:
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 cwd="/",
                 start_new_session=True,
-                user=SANDBOX_UID if as_root else None,
-                group=SANDBOX_GID if as_root else None,
-                extra_groups=[] if as_root else None,
                 close_fds=True,
             )
         finally:

@@ -77,17 +77,13 @@ def test_it_approves_a_python_call_and_shows_its_output(page: Page, live_site) -
     expect(done).to_be_visible(timeout=60_000)
     done.locator("summary").click()  # a finished step is folded; a person opens it
     expect(done.locator(".tool-result")).to_contain_text("42")
-    # The sandbox's fork did not go through gRPC's fork handlers (inference/grpc/__init__.py):
-    # with the server in this process they can hang a fork for good, and once in CI this step
-    # never ended.
+    # The sandbox's start ran no fork handlers (gRPC's log a line when they do). In CI this step
+    # once never ended, and once the reply after it never began: a fork() ran OpenBLAS's
+    # handler while the engine thread multiplied (inference/tools/python.py, _as_nobody).
     assert "fork_posix" not in live_site.log("web")
-    # the result went back to the model: a second reply follows and finishes. It is the site's
-    # first generation (the model loads first); once in CI it had not begun after a minute (a
-    # failure now reports the site's log, tests/conftest.py).
+    # the result went back to the model: a second reply follows and finishes.
     expect(page.locator(".message.assistant")).to_have_count(2, timeout=60_000)
-    expect(page.locator(".message.assistant").last.locator(".meta")).to_be_visible(
-        timeout=150_000
-    )
+    expect(page.locator(".message.assistant").last.locator(".meta")).to_be_visible(timeout=150_000)
     # and it all survives a reload
     page.reload()
     expect(page.locator(".tool-step.done .tool-result")).to_contain_text("42")

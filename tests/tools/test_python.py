@@ -6,10 +6,12 @@ Small limits keep each test to a few seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import pytest
 
 from inference.tools.base import Tool, ToolContext, ToolResult
 from inference.tools.python import SYSTEM_PYTHON, PythonSettings, PythonTool, tools
+from tests.support.live import ROOT
 
 SETTINGS = PythonSettings(
     cpu_seconds=1, memory_mb=256, max_processes=16, max_file_mb=4, timeout_seconds=4
@@ -277,3 +280,43 @@ def test_it_validates_its_settings() -> None:
         PythonSettings(memory_mb=10**9)
     with pytest.raises(ValueError):
         PythonSettings(unknown=1)  # type: ignore[call-arg]
+
+
+# A process that counts the calls of a C fork handler (pthread_atfork's `prepare`), then forks
+# once as Popen(user=...) does and runs the tool (its availability probe and the call).
+COUNT_FORK_HANDLERS = r"""
+import ctypes, json, os, subprocess, tempfile
+from pathlib import Path
+calls = [0]
+def prepare():
+    calls[0] += 1
+handler = ctypes.CFUNCTYPE(None)(prepare)
+# pthread_atfork is a static stub around glibc's __register_atfork (no dynamic symbol).
+libc = ctypes.CDLL("libc.so.6")
+assert libc.__register_atfork(handler, None, None, None) == 0
+from inference.tools.base import ToolContext
+from inference.tools.python import PythonSettings, PythonTool
+subprocess.run(["true"], user=os.geteuid(), check=True)
+forked = calls[0]
+with tempfile.TemporaryDirectory() as folder:
+    os.chmod(folder, 0o755)
+    context = ToolContext(workspace=Path(folder), cancelled=lambda: False, timeout=10.0)
+    result = PythonTool(PythonSettings()).run({"code": "6 * 7"}, context)
+counted = {"forked": forked, "tool": calls[0] - forked, "result": result.data.get("result")}
+print(json.dumps(counted))
+"""
+
+
+def test_it_starts_the_sandbox_without_running_the_processes_fork_handlers() -> None:
+    """fork() runs every handler the process registered: OpenBLAS's stops its thread pool and
+    waits for it, and a fork while the engine thread multiplied on the CPU hung the server for
+    good (in CI, twice). The sandbox starts without one (vfork, posix_spawn), as root too."""
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_FORK_HANDLERS],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    counted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counted["forked"] == 1, "a plain fork runs the handler (the count works)"
+    assert counted["result"] == "42"
+    assert counted["tool"] == 0, "the sandbox's start ran the fork handlers"
