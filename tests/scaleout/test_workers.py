@@ -240,49 +240,60 @@ def test_a_killed_workers_reply_goes_on_elsewhere_and_a_new_worker_interrupts_no
 ) -> None:
     site = cluster.site
     client = sign_up(cluster, "bob")
-    doomed_chat, other_chat = new_chat(client, "tiny"), new_chat(client, "tiny2")
-    # Which worker writes which reply is read from the replies (after the earlier tests a worker
-    # may hold both models); the one writing the first is killed.
-    doomed_worker = survivor = ""
+    doomed_chat = new_chat(client, "tiny")
+    # Which worker writes which reply is read from the replies; the one writing the first is
+    # killed. After the earlier tests either worker may hold both models, and a reply goes to a
+    # worker holding its model with room before an idle one that would have to load it: the
+    # second reply's model is one the other worker holds (and the first's does not, if there is
+    # one), so it lands there. Fixed models put both on one worker in a CI run.
+    doomed_worker = survivor = other_chat = ""
     ended_before = cluster.rows(
         "SELECT code, state, text FROM inference_generation"
         " WHERE state NOT IN ('queued', 'streaming')"
     )
 
+    def model_for_the_other_worker(busy: str) -> str:
+        beats = {b.worker_id: {str(e["model_id"]) for e in b.loaded} for b in registered_workers()}
+        theirs: set[str] = set().union(*(models for w, models in beats.items() if w != busy))
+        return sorted(theirs - beats.get(busy, set()) or theirs)[0]
+
     async def kill_mid_reply() -> tuple[str, str, float, float]:
-        async with (
-            Chat(cluster.ports[0], client, doomed_chat) as doomed,
-            Chat(cluster.ports[1], client, other_chat) as other,
-        ):
+        nonlocal doomed_worker, survivor, other_chat
+        async with Chat(cluster.ports[0], client, doomed_chat) as doomed:
             await doomed.send(type="send", text="Go on and on", max_tokens=2000)
-            await other.send(type="send", text="Tell me a long story", max_tokens=2000)
             await doomed.until("beforeend:#reply-")
-            await other.until("beforeend:#reply-")
             old = cluster.reply_code(doomed_chat)
-            nonlocal doomed_worker, survivor
             doomed_worker = cluster.generation(old)["worker_id"]
-            survivor = cluster.generation(cluster.reply_code(other_chat))["worker_id"]
-            assert doomed_worker and survivor and doomed_worker != survivor, "one reply each"
-            await asyncio.to_thread(
-                wait_until,
-                lambda: cluster.generation(old)["text"],
-                timeout=30,
-                what="the reply's first flush",
-            )
-            killed_at = time.monotonic()
-            site.stop(cluster.process_of(doomed_worker), signal.SIGKILL)
-            # The page hears that the reply goes on, then the continuation's tokens.
-            new = await asyncio.to_thread(
-                wait_until,
-                lambda: cluster.generation(old)["details"].get("resumed_by"),
-                timeout=60,
-                what="the failover",
-            )
-            await doomed.until(f"beforeend:#reply-{new}", timeout=60)
-            continued_at = time.monotonic()
-            await doomed.send(type="stop", reply=cluster.message_code(doomed_chat))
-            await other.send(type="stop", reply=cluster.message_code(other_chat))
-            return old, new, killed_at, continued_at
+            model = model_for_the_other_worker(doomed_worker)
+            other_chat = await asyncio.to_thread(new_chat, client, model)
+            async with Chat(cluster.ports[1], client, other_chat) as other:
+                await other.send(type="send", text="Tell me a long story", max_tokens=2000)
+                await other.until("beforeend:#reply-")
+                survivor = cluster.generation(cluster.reply_code(other_chat))["worker_id"]
+                return await fail_over(doomed, other, old)
+
+    async def fail_over(doomed: Chat, other: Chat, old: str) -> tuple[str, str, float, float]:
+        assert doomed_worker and survivor and doomed_worker != survivor, "one reply each"
+        await asyncio.to_thread(
+            wait_until,
+            lambda: cluster.generation(old)["text"],
+            timeout=30,
+            what="the reply's first flush",
+        )
+        killed_at = time.monotonic()
+        site.stop(cluster.process_of(doomed_worker), signal.SIGKILL)
+        # The page hears that the reply goes on, then the continuation's tokens.
+        new = await asyncio.to_thread(
+            wait_until,
+            lambda: cluster.generation(old)["details"].get("resumed_by"),
+            timeout=60,
+            what="the failover",
+        )
+        await doomed.until(f"beforeend:#reply-{new}", timeout=60)
+        continued_at = time.monotonic()
+        await doomed.send(type="stop", reply=cluster.message_code(doomed_chat))
+        await other.send(type="stop", reply=cluster.message_code(other_chat))
+        return old, new, killed_at, continued_at
 
     old, new, killed_at, continued_at = asyncio.run(kill_mid_reply())
     lost, resumed = cluster.generation(old), cluster.generation(new)
@@ -318,6 +329,7 @@ def test_a_killed_workers_reply_goes_on_elsewhere_and_a_new_worker_interrupts_no
             await chat.until("beforeend:#reply-")
             reply = cluster.reply_code(other_chat)
             site.start("worker-c", "inference_worker", "--no-warm-up")
+
             # Its start (runner.prepare) and two heartbeats, each followed by a look for dead
             # workers, have passed once its row has been written twice.
             def third() -> list[Any]:
@@ -352,7 +364,7 @@ def test_a_killed_workers_reply_goes_on_elsewhere_and_a_new_worker_interrupts_no
 
 
 def test_sigterm_hands_a_workers_replies_to_another_and_it_exits(cluster) -> None:
-    """Runs after the failover test: workers B (holding tiny2) and C are alive."""
+    """Runs after the failover test: the worker that survived it and C are alive."""
     site = cluster.site
     client = sign_up(cluster, "cy")
     code = new_chat(client, "tiny2")
