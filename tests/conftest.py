@@ -63,7 +63,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         from tests.support.live import RUNNING
 
-        for index, site in enumerate(RUNNING):
+        # The newest site first (most likely the failed test's own): CI prints only part.
+        for index, site in enumerate(reversed(RUNNING)):
             site.dump_threads()
             for log in sorted(site.log_dir.glob("*.log")):
                 tail = log.read_text(errors="replace")[-10000:]
