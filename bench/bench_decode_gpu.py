@@ -1,4 +1,5 @@
-"""One stream's decode, the engine against raw `stream_generate`, in pairs in one process.
+"""The engine against raw mlx-lm in pairs in one process: one stream's decode against
+`stream_generate`, or N streams' aggregate against `BatchGenerator` (`--streams N`).
 
 `bench_engine_gpu.py` measures raw mlx-lm and the engine in separate processes, one after the
 other; on an H100 raw's own one-stream decode moved between 121 and 161 tok/s from one such
@@ -8,10 +9,15 @@ alternates: raw, engine, raw, engine... Each pair's ratio is taken within the pa
 gives every pair and their median.
 
 MLX reads its CUDA attention switch once per process, so `--cudnn-sdpa` sets it for both systems
-before MLX loads (the engine's own default is 0; see inference/engine.py). Decode alone is
-compared: one token a step, on the model's only stream (the engine's solo path).
+before MLX loads (the engine's own default is 0; see inference/engine.py). With one stream,
+decode alone is compared: one token a step, on the model's only stream (the engine's solo
+path). With N, N prompts arrive together and the aggregate is all their tokens over the time
+from the first submit to the last token (as bench_engine_gpu.py measures it); the pairs
+alternate which system goes first.
 
     python3 bench/bench_decode_gpu.py --shape llama3-8b --format bf16 --pairs 7 --max-tokens 512
+    python3 bench/bench_decode_gpu.py --shape llama3-8b --format bf16 --pairs 7 --max-tokens 64 \
+        --streams 32
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -37,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--format", default="bf16", choices=("bf16", "q8", "q4"))
     parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--prompt-words", type=int, default=120)
     parser.add_argument("--cudnn-sdpa", choices=("0", "1"), default="0")
@@ -44,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", type=Path, default=ROOT / ".bench/tokenizer")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.pairs < 1 or args.max_tokens < 2:
-        parser.error("--pairs must be >= 1 and --max-tokens >= 2")
+    if args.pairs < 1 or args.max_tokens < 2 or args.streams < 1:
+        parser.error("--pairs and --streams must be >= 1 and --max-tokens >= 2")
     os.environ["MLX_CUDA_USE_CUDNN_SDPA"] = args.cudnn_sdpa
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -60,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = bench.parse_args(
         [
-            "--shapes", args.shape, "--formats", args.format, "--streams", "1",
-            "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
+            "--shapes", args.shape, "--formats", args.format, "--streams", str(args.streams),
+            "--max-tokens", str(args.max_tokens), "--batch-max-tokens", str(args.max_tokens),
+            "--prompt-words", str(args.prompt_words),
         ]
     )  # fmt: skip
     tokenizer_dir = bench.ensure_tokenizer(args.tokenizer_dir)
@@ -79,28 +88,43 @@ def main(argv: list[str] | None = None) -> int:
         catalogue=Catalogue(config, model_dir.parent),
         converted_dir=model_dir.parent / ".converted",
         max_loaded_models=1,
+        completion_batch_size=settings.decode_batch,
+        prefill_batch_size=settings.prefill_batch,
         max_new_tokens=args.max_tokens,
     )
     engine.start()
     rows: list[tuple[float, float, float, float]] = []
     try:
         engine.load(model_id)
+        n = args.streams
+
+        def run_raw() -> tuple[float, float]:
+            if n == 1:
+                one = bench.raw_single(model, tokenizer, args.max_tokens, args.prompt_words)
+                _full("raw", [one])
+                return one.decode_tps, one.ttft_s
+            batch = bench.raw_batch(model, tokenizer, n, args.max_tokens, settings)
+            _full("raw", batch.streams)
+            return batch.aggregate_tps, batch.median_ttft_s
+
+        def run_ours() -> tuple[float, float]:
+            batch = bench.engine_run(engine, model_id, n, args.max_tokens, settings)
+            _full("engine", batch.streams)
+            if n == 1:
+                return batch.streams[0].decode_tps, batch.streams[0].ttft_s
+            return batch.aggregate_tps, batch.median_ttft_s
+
         # warm-ups: every shape either system meets
-        bench.raw_single(model, tokenizer, args.max_tokens, args.prompt_words)
-        bench.engine_run(engine, model_id, 1, args.max_tokens, settings)
+        run_raw()
+        run_ours()
         for i in range(args.pairs):
-            raw = bench.raw_single(model, tokenizer, args.max_tokens, args.prompt_words)
-            ours = bench.engine_run(engine, model_id, 1, args.max_tokens, settings).streams[0]
-            for name, run in (("raw", raw), ("engine", ours)):
-                if run.finish != "length":
-                    raise RuntimeError(f"{name} ended early ({run.finish}, {run.tokens} tokens)")
-            rows.append((raw.decode_tps, ours.decode_tps, raw.ttft_s, ours.ttft_s))
+            if i % 2 == 0:
+                (raw, raw_ttft), (ours, our_ttft) = run_raw(), run_ours()
+            else:
+                (ours, our_ttft), (raw, raw_ttft) = run_ours(), run_raw()
+            rows.append((raw, ours, raw_ttft, our_ttft))
             logger.info(
-                "pair %d: raw %.1f tok/s, engine %.1f (%.3fx)",
-                i + 1,
-                raw.decode_tps,
-                ours.decode_tps,
-                ours.decode_tps / raw.decode_tps,
+                "pair %d: raw %.1f tok/s, engine %.1f (%.3fx)", i + 1, raw, ours, ours / raw
             )
     finally:
         engine.stop(timeout=60)
@@ -111,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _full(name: str, streams: list[Any]) -> None:
+    for run in streams:
+        if run.finish != "length":
+            raise RuntimeError(f"{name} ended early ({run.finish}, {run.tokens} tokens)")
+
+
 def render(args: argparse.Namespace, rows: list[tuple[float, float, float, float]]) -> str:
     import mlx.core as mx
 
+    what = "One stream" if args.streams == 1 else f"{args.streams} streams (aggregate tok/s)"
     lines = [
-        f"One stream, {args.shape} {args.format}, {args.max_tokens} tokens, greedy, "
+        f"{what}, {args.shape} {args.format}, {args.max_tokens} tokens, greedy, "
         f"MLX_CUDA_USE_CUDNN_SDPA={args.cudnn_sdpa}, device {mx.default_device()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",

@@ -108,9 +108,14 @@ FORMATS = ("q4", "q8", "bf16")
 # "engine-nocache" is our engine with its prompt-prefix cache off: it shows what the cache's
 # fetch (a deep copy and trim of the nearest cached KV) and insert cost a new conversation.
 # "engine-fused" carries prefill chunks in decode passes (inference.fused: the CPU's default).
+# "engine-wide" lets one step put WIDE_BATCH_TOKENS through the model (max_batch_tokens; the
+# config's default is 2048): N prompts arriving together prefill in fewer steps, as raw's
+# BatchGenerator prefills them all before it decodes.
 SYSTEMS = (
-    "raw", "engine", "engine-nocache", "engine-fused", "server", "spec-agree", "spec-random"
+    "raw", "engine", "engine-nocache", "engine-fused", "engine-wide", "server", "spec-agree",
+    "spec-random",
 )  # fmt: skip
+WIDE_BATCH_TOKENS = 8192
 # Speculative decoding (one stream, the engine with and without the model's draft): the draft is
 # the model's first DRAFT_LAYERS layers. "spec-random": the built model as it is (random layers
 # after those: the draft rarely agrees, the cost side). "spec-agree": a copy whose later layers
@@ -613,6 +618,7 @@ def run_engine(
     *,
     prompt_cache: bool = True,
     fuse: bool | None = None,
+    max_batch_tokens: int = 2048,
 ) -> None:
     """Measure `inference.engine.Engine` through a Catalogue over the built models."""
     from inference.catalogue import Catalogue, model_id_for_dir
@@ -632,6 +638,7 @@ def run_engine(
         prefill_batch_size=settings.prefill_batch,
         max_new_tokens=max(settings.max_tokens, settings.batch_max_tokens),
         prompt_cache_entries=16 if prompt_cache else 0,
+        max_batch_tokens=max_batch_tokens,
     )
     engine.fuse_prefill = fuse  # None: the engine's default (fused on the CPU only)
     _free()
@@ -1099,6 +1106,9 @@ def run(
                                 clock,
                                 prompt_cache=system != "engine-nocache",
                                 fuse=True if system == "engine-fused" else None,
+                                max_batch_tokens=(
+                                    WIDE_BATCH_TOKENS if system == "engine-wide" else 2048
+                                ),
                             )
                         else:
                             run_server(
@@ -1186,6 +1196,7 @@ def render(results: list[ModelResult], facts: dict[str, Any], settings: Settings
             "engine": "mlxweb Engine",
             "engine-nocache": "mlxweb Engine, no prompt cache",
             "engine-fused": "mlxweb Engine, chunks fused",
+            "engine-wide": f"mlxweb Engine, max_batch_tokens {WIDE_BATCH_TOKENS}",
             "server": "mlx_lm.server",
             "spec-agree": "mlxweb Engine + draft (agreeing)",
             "spec-random": "mlxweb Engine + draft (random)",
