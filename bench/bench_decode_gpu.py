@@ -28,7 +28,9 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("bench_decode_gpu")
+
+
+class StepClock:
+    """Calls and seconds of timed methods, by method and by whether the engine's thread made
+    them (raw mlx-lm runs on the main thread): where each system's wall time goes."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+        clock = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                who = "raw" if threading.current_thread() is threading.main_thread() else "engine"
+                key = f"{who} {cls.__name__}.{name}"
+                clock.calls[key] += 1
+                clock.seconds[key] += time.perf_counter() - began
+
+        setattr(cls, name, timed)
+
+    def take(self) -> dict[str, tuple[int, float]]:
+        taken = {k: (self.calls[k], self.seconds[k]) for k in sorted(self.calls)}
+        self.calls.clear()
+        self.seconds.clear()
+        return taken
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         prefill_batch_size=settings.prefill_batch,
         max_new_tokens=args.max_tokens,
     )
+    from mlx_lm.generate import BatchGenerator
+
+    clock = StepClock()
+    clock.wrap(BatchGenerator, "next")
+    for method in ("_step", "_batch_step", "_prefill_step", "_solo_step", "_place_ready"):
+        clock.wrap(Engine, method)
     engine.start()
     rows: list[tuple[float, float, float, float]] = []
+    steps: list[dict[str, tuple[int, float]]] = []
     try:
         engine.load(model_id)
         n = args.streams
@@ -117,18 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         # warm-ups: every shape either system meets
         run_raw()
         run_ours()
+        clock.take()
         for i in range(args.pairs):
             if i % 2 == 0:
                 (raw, raw_ttft), (ours, our_ttft) = run_raw(), run_ours()
             else:
                 (ours, our_ttft), (raw, raw_ttft) = run_ours(), run_raw()
             rows.append((raw, ours, raw_ttft, our_ttft))
+            steps.append(clock.take())
             logger.info(
                 "pair %d: raw %.1f tok/s, engine %.1f (%.3fx)", i + 1, raw, ours, ours / raw
             )
     finally:
         engine.stop(timeout=60)
-    report = render(args, rows)
+    report = render(args, rows) + render_steps(steps)
     sys.stdout.write(report)
     if args.output is not None:
         args.output.write_text(report)
@@ -168,6 +210,24 @@ def render(args: argparse.Namespace, rows: list[tuple[float, float, float, float
         "",
     ]
     return "\n".join(lines)
+
+
+def render_steps(steps: list[dict[str, tuple[int, float]]]) -> str:
+    """Per pair, mean calls and milliseconds of each timed method (both systems' runs)."""
+    keys = sorted({k for pair in steps for k in pair})
+    if not keys:
+        return ""
+    lines = [
+        "Where the time went, per run (means over the pairs): calls, total ms, ms per call",
+        "",
+        "| method | calls | total ms | ms per call |",
+        "|---|---|---|---|",
+    ]
+    for key in keys:
+        calls = statistics.mean(pair.get(key, (0, 0.0))[0] for pair in steps)
+        total = statistics.mean(pair.get(key, (0, 0.0))[1] for pair in steps) * 1000
+        lines.append(f"| {key} | {calls:.0f} | {total:.0f} | {total / calls if calls else 0:.2f} |")
+    return "\n".join(lines + [""])
 
 
 if __name__ == "__main__":
