@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="bf16", choices=("bf16", "q8", "q4"))
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--streams", type=int, default=1)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="the engine's")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--prompt-words", type=int, default=120)
     parser.add_argument("--cudnn-sdpa", choices=("0", "1"), default="0")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         completion_batch_size=settings.decode_batch,
         prefill_batch_size=settings.prefill_batch,
         max_new_tokens=args.max_tokens,
+        max_batch_tokens=args.max_batch_tokens,
     )
     from mlx_lm.generate import BatchGenerator
 
@@ -189,7 +191,8 @@ def render(args: argparse.Namespace, rows: list[tuple[float, float, float, float
     what = "One stream" if args.streams == 1 else f"{args.streams} streams (aggregate tok/s)"
     lines = [
         f"{what}, {args.shape} {args.format}, {args.max_tokens} tokens, greedy, "
-        f"MLX_CUDA_USE_CUDNN_SDPA={args.cudnn_sdpa}, device {mx.default_device()}, "
+        f"MLX_CUDA_USE_CUDNN_SDPA={args.cudnn_sdpa}, engine max_batch_tokens "
+        f"{args.max_batch_tokens}, device {mx.default_device()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "| pair | raw tok/s | engine tok/s | engine / raw | raw TTFT ms | engine TTFT ms |",
