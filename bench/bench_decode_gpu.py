@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="the engine's")
+    parser.add_argument(
+        "--generator-stream",
+        choices=("engine", "mlx-lm"),
+        default="engine",
+        help="the stream of the engine's BatchGenerator: the engine thread's default stream (as "
+        "shipped) or mlx-lm's generation_stream, as raw uses (an experiment)",
+    )
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--prompt-words", type=int, default=120)
     parser.add_argument("--cudnn-sdpa", choices=("0", "1"), default="0")
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mlx_lm.generate import BatchGenerator
 
+    if args.generator_stream == "mlx-lm":
+        _generators_on_mlx_lm_stream(Engine)
     clock = StepClock()
     clock.wrap(BatchGenerator, "next")
     for method in ("_step", "_batch_step", "_prefill_step", "_solo_step", "_place_ready"):
@@ -177,6 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         args.output.write_text(report)
     return 0
+
+
+def _generators_on_mlx_lm_stream(engine_class: Any) -> None:
+    """Make the engine's BatchGenerators run on mlx-lm's own generation_stream."""
+    from mlx_lm.generate import generation_stream
+
+    original = engine_class._new_generator
+
+    def on_generation_stream(self: Any, loaded: Any) -> Any:
+        generator = original(self, loaded)
+        generator._stream = generation_stream
+        return generator
+
+    engine_class._new_generator = on_generation_stream
 
 
 def _full(name: str, streams: list[Any]) -> None:
