@@ -2523,9 +2523,7 @@ def _same_offset(active: _Active, order: list[_Active], taken: set[int]) -> list
 def _may_prefill_together(seq: _Seq) -> bool:
     """Whether a prompt may prefill as a row of a batch: plain KV caches (no rotating,
     quantized or recurrent layers, whose states do not stack) and no draft to keep in step."""
-    from mlx_lm.models.cache import KVCache
-
-    return seq.draft_cache is None and all(type(c) is KVCache for c in seq.cache)
+    return seq.draft_cache is None and _plain_caches(seq.cache)
 
 
 def _keep_alive_or_none(seconds: float | None) -> float | None:
