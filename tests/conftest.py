@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 
 # Before anything imports grpc: its fork handlers off in this process too, which runs gRPC
-# servers and then forks sandboxes as another user (inference/grpc/__init__.py says why).
+# servers and then starts subprocesses (inference/grpc/__init__.py says why).
 import inference.grpc  # noqa: F401
 from inference import worker as inference_worker
 from inference.catalogue import reset_catalogue

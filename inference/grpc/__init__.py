@@ -10,9 +10,11 @@ without Django.
 import os
 
 # gRPC's fork handlers (on by default in grpcio 1.85) pause its threads around every fork() of
-# the process, and a server's threads do not pause: a tool's subprocess (the Python sandbox,
-# git, chromium, an MCP server) could hang in fork() for good (grpc/grpc#37259). Every child
-# this server starts runs exec at once, the case gRPC documents for turning them off. Set
+# the process, and a server's threads do not pause: a child started through fork() could hang
+# there for good (grpc/grpc#37259). Our subprocesses start through vfork, which runs no fork
+# handler (inference/tools/python.py, _as_nobody), but a library's fork() would still meet
+# them. Every child this server starts runs exec at once, the case gRPC documents for turning
+# them off. Set
 # before `grpc` is imported (the server imports it through this package); a value in the
 # environment wins.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
