@@ -86,6 +86,9 @@ MIN_ROW_TOKENS = 16
 # reused in multiples of it: each new query length costs a prefill 5-40 ms the first time (kernels
 # and graphs built for the shape) and an H100 prefills 32 tokens more in well under a millisecond.
 CUDA_SHAPE_GRANULE = 32
+# There, a partial chunk of at least this many tokens is cut to a multiple of it (below, to the
+# granule times a power of two): Engine._on_ladder.
+LADDER_STEP = 256
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # A reply with a draft model decodes its first this many tokens without it, on the pipelined
@@ -489,6 +492,9 @@ class Engine:
         # fusing made the scheduler's targets; on an H100 it measured slower (the riders'
         # synchronous finish stalls the decode pipeline). Tests and benchmarks set it.
         self.fuse_prefill: bool | None = None
+        # On CUDA: prompt chunks start at max_batch_tokens, take lengths from a ladder and
+        # a step runs a second prefill pass only for prompts it finishes (_passes_cost_alike).
+        self.gpu_passes = True
         self._uids = 0  # engine-side uids of requests outside a generator: -1, -2, ...
         # Seconds an idle model stays loaded when its config says nothing (None: for good).
         self.keep_alive = _keep_alive_or_none(keep_alive)
@@ -1103,6 +1109,8 @@ class Engine:
             output=OutputFormat.for_tokenizer(loaded.tokenizer),
             eos_ids=frozenset(eos),
         )
+        if self._passes_cost_alike():
+            slot.chunk = float(self.max_batch_tokens)
         self._load_draft(slot, spec)
         if slot.draft is not None:
             actual += _model_bytes(slot.draft.model)
@@ -1666,10 +1674,14 @@ class Engine:
             # batch (a forward pass of 8 short rows costs little more than one on a GPU).
             group = _same_offset(active, order, done)
             group = group[: max(1, min(PREFILL_ROWS, tokens // MIN_ROW_TOKENS))]
-            done.update(id(a) for a in group)
             seqs = [a.seq for a in group if a.seq is not None]
             n = max(1, min(tokens // len(group), self.prefill_step_size))
-            n = min([n] + [len(s.rest) for s in seqs])
+            if spent > 0 and self._passes_cost_alike() and any(n < len(s.rest) for s in seqs):
+                # A pass costs nearly the same for 256 tokens as for 1,536 here: a second
+                # pass in a step only for prompts it finishes (the rest wait for a full one).
+                continue
+            done.update(id(a) for a in group)
+            n = self._on_ladder(min([n] + [len(s.rest) for s in seqs]), seqs)
             began = time.perf_counter()
             if not self._prefill_or_fail(slot, group, n):
                 continue
@@ -1706,6 +1718,32 @@ class Engine:
             if len(seq.fed) - n < SHORT_OFFSET:
                 # Where a new prompt starts: what it learned is where the next one begins.
                 slot.chunk = seq.chunk
+
+    def _passes_cost_alike(self) -> bool:
+        """Whether a prefill pass costs about the same whatever its length up to
+        max_batch_tokens (CUDA, `gpu_passes`). On an H100 (Llama-3-8B shape, bf16) a pass of
+        8 rows x 32 tokens took 18-40 ms and one of 8 x 182 took 50: chunks sized by measured
+        time per token stayed small, and a step's second, partial pass cost as much as a
+        whole one (docs/benchmarks.md)."""
+        return self.gpu_passes and self._granule > 1
+
+    def _on_ladder(self, n: int, seqs: list[_Seq]) -> int:
+        """A chunk of `n` tokens of `seqs` cut to the shape ladder where there is one (CUDA,
+        `gpu_passes`): the rows' whole rest, the granule times a power of two up to
+        LADDER_STEP, or a multiple of LADDER_STEP. Lengths that followed measured times met
+        shapes never seen before from run to run, and each costs a pass several times over
+        the first time; rungs repeat, and so do the offsets they leave (sums of rungs)."""
+        rest = min(len(s.rest) for s in seqs)
+        if not self._passes_cost_alike() or n >= rest:
+            return n
+        if rest <= self._granule:
+            return rest
+        if n >= LADDER_STEP:
+            return n - n % LADDER_STEP
+        rung = self._granule
+        while rung * 2 <= n:
+            rung *= 2
+        return rung
 
     def _riding(self, slot: _Slot) -> bool:
         """Whether prompt chunks ride this model's decode passes (inference.fused) now."""
@@ -1856,9 +1894,19 @@ class Engine:
     def _prefill_group(self, slot: _Slot, rows: list[_Active], n: int) -> None:
         """Run the next `n` prompt tokens of `rows` (requests whose caches hold the same number
         of tokens) through the model in a pass of their own."""
+        began = time.perf_counter()
         with self._on_stream():
             run = self._chunk_start(slot, rows, n)
             self._chunk_finish(slot, run, self._own_pass(slot, run))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "pass: %d rows x %d tokens (width %d) at offset %d in %.1f ms",
+                len(rows),
+                n,
+                int(run.tokens.shape[1]),
+                run.offset,
+                (time.perf_counter() - began) * 1000,
+            )
 
     def _own_pass(self, slot: _Slot, run: _ChunkRun) -> Any:
         """`run` through the model in a pass of its own: the logits at its last prompt token,

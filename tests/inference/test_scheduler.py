@@ -352,6 +352,34 @@ def test_cuda_shapes_pad_chunks_and_align_prefixes_without_changing_the_text(
     assert prefills and all(width % granule == 0 for _, width in prefills)
 
 
+def test_cuda_chunks_take_lengths_from_the_ladder_without_changing_the_text(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA a chunk length chosen by measured times was a new shape from run to run, and a
+    # new shape costs a prefill several times over the first time: there a chunk is the
+    # granule times a power of two, or the prompt's whole rest.
+    import inference.engine as engine_module
+
+    plain = make_engine(max_batch_tokens=96)
+    plain.load("tiny")
+    monkeypatch.setattr(engine_module, "_on_cuda", lambda: True)
+    laddered = make_engine(max_batch_tokens=96)
+    laddered.load("tiny")
+    slot = laddered._slots["tiny"]
+    recording = RecordingRows(slot.loaded.model, monkeypatch)
+    slot.loaded.model = recording  # type: ignore[assignment]
+    messages = [{"role": "user", "content": LONG_TEXT[:1500]}]
+    texts = [
+        ask(engine, messages, Recorder(), max_tokens=12).wait().text
+        for engine in (plain, laddered)
+    ]
+    assert texts[0] == texts[1]
+    widths = [width for _, width in recording.shapes if width > 1]
+    rungs = {engine_module.CUDA_SHAPE_GRANULE * 2**k for k in range(8)}
+    assert len(widths) >= 4 and all(width in rungs for width in widths[:-1]), widths
+    assert widths[-1] % engine_module.CUDA_SHAPE_GRANULE == 0
+
+
 def test_chunks_riding_decode_passes_write_the_same_text(
     make_engine: Callable[..., Engine],
 ) -> None:
