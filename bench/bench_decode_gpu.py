@@ -72,6 +72,34 @@ class StepClock:
         return taken
 
 
+class PassLog(logging.Handler):
+    """The engine's prefill passes (its DEBUG "pass:" lines) while started, by label."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._engine_log = logging.getLogger("inference.engine")
+
+    def start(self, label: str) -> None:
+        self.lines.append(f"{label}:")
+        self._engine_log.addHandler(self)
+        self._engine_log.setLevel(logging.DEBUG)
+
+    def stop(self) -> None:
+        self._engine_log.removeHandler(self)
+        self._engine_log.setLevel(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("pass:"):
+            self.lines.append(f"  {record.relativeCreated / 1000:.3f}s {message}")
+
+    def render(self) -> str:
+        if not self.lines:
+            return ""
+        return "\nThe engine's prefill passes\n\n" + "\n".join(self.lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b")
@@ -85,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         default="engine",
         help="the stream of the engine's BatchGenerator: the engine thread's default stream (as "
         "shipped) or mlx-lm's generation_stream, as raw uses (an experiment)",
+    )
+    parser.add_argument(
+        "--gpu-passes",
+        choices=("on", "off"),
+        default="on",
+        help="the engine's gpu_passes (as shipped: on): prompt chunks start at max_batch_tokens, "
+        "take lengths from a ladder, and a step's second pass only finishes prompts; off: "
+        "chunks as measured times make them, as on the CPU",
+    )
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="log the engine's prefill passes (rows, tokens, offset, ms) of the first N pairs",
     )
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--prompt-words", type=int, default=120)
@@ -134,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_tokens,
         max_batch_tokens=args.max_batch_tokens,
     )
-    from mlx_lm.generate import BatchGenerator
+    engine.gpu_passes = args.gpu_passes == "on"
+    from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 
     if args.generator_stream == "mlx-lm":
         _generators_on_mlx_lm_stream(Engine)
     clock = StepClock()
     clock.wrap(BatchGenerator, "next")
+    clock.wrap(PromptProcessingBatch, "prompt")
+    passes = PassLog()
     for method in ("_step", "_batch_step", "_prefill_step", "_solo_step", "_place_ready"):
         clock.wrap(Engine, method)
     engine.start()
@@ -170,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         run_ours()
         clock.take()
         for i in range(args.pairs):
+            if i < args.trace:
+                passes.start(f"pair {i + 1}")
             if i % 2 == 0:
                 (raw, raw_ttft), (ours, our_ttft) = run_raw(), run_ours()
             else:
                 (ours, our_ttft), (raw, raw_ttft) = run_ours(), run_raw()
+            passes.stop()
             rows.append((raw, ours, raw_ttft, our_ttft))
             steps.append(clock.take())
             logger.info(
@@ -181,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         engine.stop(timeout=60)
-    report = render(args, rows) + render_steps(steps)
+    report = render(args, rows) + render_steps(steps) + passes.render()
     sys.stdout.write(report)
     if args.output is not None:
         args.output.write_text(report)
@@ -215,7 +263,7 @@ def render(args: argparse.Namespace, rows: list[tuple[float, float, float, float
     lines = [
         f"{what}, {args.shape} {args.format}, {args.max_tokens} tokens, greedy, "
         f"MLX_CUDA_USE_CUDNN_SDPA={args.cudnn_sdpa}, engine max_batch_tokens "
-        f"{args.max_batch_tokens}, device {mx.default_device()}, "
+        f"{args.max_batch_tokens}, gpu_passes {args.gpu_passes}, device {mx.default_device()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "| pair | raw tok/s | engine tok/s | engine / raw | raw TTFT ms | engine TTFT ms |",
