@@ -89,6 +89,9 @@ CUDA_SHAPE_GRANULE = 32
 # There, a partial chunk of at least this many tokens is cut to a multiple of it (below, to the
 # granule times a power of two): Engine._on_ladder.
 LADDER_STEP = 256
+# On CUDA, a prompt refused a step's partial second pass this many times while prompts that came
+# after it took the steps' first passes gets one anyway (Engine._prefill_step).
+PASSED_OVER_STEPS = 4
 # A draft model catches up on a cached prompt prefix at most this many tokens per step.
 DRAFT_CATCH_UP = 256
 # A reply with a draft model decodes its first this many tokens without it, on the pipelined
@@ -417,6 +420,7 @@ class _Seq:
     max_tokens: int
     chunk: float  # prompt tokens that fit a step's full budget, from its last chunk
     prefilled: bool = False
+    passed_over: int = 0  # steps in a row whose partial second pass it was refused (CUDA)
     next: Any = None  # mx.array of shape (1,)
     next_logprobs: Any = None
     draft_cache: list[Any] | None = None
@@ -1661,6 +1665,7 @@ class Engine:
         order = self._prefill_order(slot)
         spent = 0.0
         done: set[int] = set()
+        first_started = 0.0  # when the oldest request of the step's first pass came
         for active in order:
             left = budget - spent
             if spent > 0 and (left <= budget * 0.1 or tokens_left <= 0):
@@ -1676,11 +1681,25 @@ class Engine:
             group = group[: max(1, min(PREFILL_ROWS, tokens // MIN_ROW_TOKENS))]
             seqs = [a.seq for a in group if a.seq is not None]
             n = max(1, min(tokens // len(group), self.prefill_step_size))
-            if spent > 0 and self._passes_cost_alike() and any(n < len(s.rest) for s in seqs):
-                # A pass costs nearly the same for 256 tokens as for 1,536 here: a second
-                # pass in a step only for prompts it finishes (the rest wait for a full one).
-                continue
             done.update(id(a) for a in group)
+            if (
+                spent > 0
+                and self._passes_cost_alike()
+                and any(n < len(s.rest) for s in seqs)
+                and max(s.passed_over for s in seqs) < PASSED_OVER_STEPS
+            ):
+                # A pass costs nearly the same for 256 tokens as for 1,536 here: a second
+                # pass in a step only for prompts it finishes; the rest wait for a step whose
+                # first pass is theirs, unless prompts that came after them (shorter ones)
+                # kept taking it.
+                if min(a.started_at for a in group) < first_started:
+                    for s in seqs:
+                        s.passed_over += 1
+                continue
+            for s in seqs:
+                s.passed_over = 0
+            if not spent:
+                first_started = min(a.started_at for a in group)
             n = self._on_ladder(min([n] + [len(s.rest) for s in seqs]), seqs)
             began = time.perf_counter()
             if not self._prefill_or_fail(slot, group, n):

@@ -380,6 +380,73 @@ def test_cuda_chunks_take_lengths_from_the_ladder_without_changing_the_text(
     assert widths[-1] % engine_module.CUDA_SHAPE_GRANULE == 0
 
 
+def _waiting(engine: Engine, rest: int, started_at: float) -> Any:
+    """A request of `engine` with `rest` prompt tokens to prefill, as the engine keeps it."""
+    from inference import engine as engine_module
+
+    request = GenerationRequest(
+        id=f"r{next(_ids)}", model_id="tiny", messages=SHORT, params=GenerationParams()
+    )
+    active = engine_module._Active(
+        request=request, emit=lambda event: None, slot=None, uid=-1,  # type: ignore[arg-type]
+        detokenizer=None, stop=(), prompt_tokens=rest, started_at=started_at,
+    )  # fmt: skip
+    active.seq = engine_module._Seq(
+        cache=[], fed=[], rest=[1] * rest, sampler=None, processors=[], max_tokens=8,
+        chunk=float(engine.max_batch_tokens),
+    )  # fmt: skip
+    return active
+
+
+def test_a_cuda_step_runs_a_second_pass_only_to_finish_prompts_and_never_starves_one(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA a pass costs about the same for 256 tokens as for 1,500: after a step's first
+    # pass, a second runs only for prompts it finishes. A prompt that shorter, newer ones keep
+    # passing over gets its partial pass after PASSED_OVER_STEPS steps.
+    from types import SimpleNamespace
+
+    from inference import engine as engine_module
+
+    engine = make_engine(max_batch_tokens=256)
+    engine._granule = engine_module.CUDA_SHAPE_GRANULE
+    passes: list[tuple[list[str], int]] = []
+
+    def one_pass(slot: Any, rows: list[Any], n: int) -> bool:
+        passes.append(([a.request.id for a in rows], n))
+        for active in rows:
+            active.seq.fed += active.seq.rest[:n]
+            active.seq.rest = active.seq.rest[n:]
+            active.seq.prefilled = not active.seq.rest
+        return True
+
+    monkeypatch.setattr(engine, "_prefill_or_fail", one_pass)
+    old = _waiting(engine, 1000, started_at=1.0)
+    slot = SimpleNamespace(prefilling=[old], chunk=256.0, token_s=0.0)
+
+    def step(*newcomers: Any) -> list[tuple[list[str], int]]:
+        slot.prefilling = [a for a in slot.prefilling if not a.seq.prefilled] + list(newcomers)
+        passes.clear()
+        engine._prefill_step(slot, decode_s=0.01, rows=4)  # type: ignore[arg-type]
+        return list(passes)
+
+    # Alone, the long prompt takes the step's first pass, on the ladder (252 tokens fit: 128).
+    assert step() == [([old.request.id], 128)]
+    # Newer short prompts go first; the long one waits rather than take a partial second pass.
+    for i in range(engine_module.PASSED_OVER_STEPS):
+        short = _waiting(engine, 40, started_at=2.0 + i)
+        assert step(short) == [([short.request.id], 40)]
+    # Passed over that often, it gets the partial pass beside the next newcomer's.
+    short = _waiting(engine, 40, started_at=10.0)
+    ran = step(short)
+    assert ran[0] == ([short.request.id], 40) and ran[1][0] == [old.request.id]
+    assert old.seq.passed_over == 0
+    # A second pass that finishes its prompts always runs.
+    pair = [_waiting(engine, 40, started_at=20.0), _waiting(engine, 30, started_at=21.0)]
+    pair[1].seq.fed = [1]  # another offset: a pass of its own
+    assert [ids for ids, _ in step(*pair)] == [[pair[1].request.id], [pair[0].request.id]]
+
+
 def test_chunks_riding_decode_passes_write_the_same_text(
     make_engine: Callable[..., Engine],
 ) -> None:
