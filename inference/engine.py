@@ -420,7 +420,7 @@ class _Seq:
     max_tokens: int
     chunk: float  # prompt tokens that fit a step's full budget, from its last chunk
     prefilled: bool = False
-    passed_over: int = 0  # steps in a row whose partial second pass it was refused (CUDA)
+    passed_over: int = 0  # partial passes refused while newer prompts took steps (CUDA)
     next: Any = None  # mx.array of shape (1,)
     next_logprobs: Any = None
     draft_cache: list[Any] | None = None
