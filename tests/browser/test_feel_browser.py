@@ -225,8 +225,9 @@ def test_the_browser_renders_markdown_as_the_server_does(desk: Page, live_site) 
 def test_it_streams_markdown_stops_on_esc_and_announces_the_end(desk: Page, live_site) -> None:  # type: ignore[no-untyped-def]
     page = desk
     page.goto(live_site.url + "/")
-    # Greedy: sampled, the tiny model's random weights could pick the end-of-turn token early
-    # and end the reply before the checks below saw it live (once in a full run).
+    # Greedy, so the random text before the fence and list appended below is the same every
+    # run (sampled, it differs, and what it holds can change how they parse; this check once
+    # timed out in a full run).
     _send(page, "Write a very long story", max_tokens=2000, temperature="0")
     page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
     live = page.locator("article.assistant .streaming").last
