@@ -1700,7 +1700,8 @@ class Engine:
                 s.passed_over = 0
             if not spent:
                 first_started = min(a.started_at for a in group)
-            n = self._on_ladder(min([n] + [len(s.rest) for s in seqs]), seqs)
+            rest = min(len(s.rest) for s in seqs)
+            n = self._on_ladder(min(n, rest), rest)
             began = time.perf_counter()
             if not self._prefill_or_fail(slot, group, n):
                 continue
@@ -1746,13 +1747,12 @@ class Engine:
         whole one (docs/benchmarks.md)."""
         return self.gpu_passes and self._granule > 1
 
-    def _on_ladder(self, n: int, seqs: list[_Seq]) -> int:
-        """A chunk of `n` tokens of `seqs` cut to the shape ladder where there is one (CUDA,
-        `gpu_passes`): the rows' whole rest, the granule times a power of two up to
-        LADDER_STEP, or a multiple of LADDER_STEP. Lengths that followed measured times met
-        shapes never seen before from run to run, and each costs a pass several times over
-        the first time; rungs repeat, and so do the offsets they leave (sums of rungs)."""
-        rest = min(len(s.rest) for s in seqs)
+    def _on_ladder(self, n: int, rest: int) -> int:
+        """A chunk of `n` tokens of rows whose shortest `rest` is that long, cut to the shape
+        ladder where there is one (CUDA, `gpu_passes`): the whole rest, the granule times a
+        power of two up to LADDER_STEP, or a multiple of LADDER_STEP. Lengths that followed
+        measured times met shapes never seen before from run to run, and each costs a pass
+        several times over the first time; rungs repeat, and so do the offsets they leave."""
         if not self._passes_cost_alike() or n >= rest:
             return n
         if rest <= self._granule:
