@@ -192,12 +192,17 @@ class _Capture:
         return text
 
 
+def _system_binary(name: str) -> str | None:
+    """`name` from the system's own folders (never the caller's PATH)."""
+    return shutil.which(name, path="/usr/bin:/bin:/usr/local/bin")
+
+
 def _bwrap() -> str | None:
-    return shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
+    return _system_binary("bwrap")
 
 
 def _setpriv() -> str | None:
-    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/local/bin")
+    return _system_binary("setpriv")
 
 
 def _as_nobody() -> list[str]:
